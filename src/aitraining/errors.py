@@ -1,0 +1,13 @@
+"""Errors a user can fix.
+
+A `UserError` is bad input (a flag, a file, a model path): the CLI prints its message on one line and
+exits with status 2, without a traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input that the user can fix; the message says what is wrong and how to fix it."""
+
+    exit_code = 2
