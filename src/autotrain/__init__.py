@@ -1,0 +1,1 @@
+"""Compatibility names for the documented imports (`from autotrain.project import AutoTrainProject`)."""

