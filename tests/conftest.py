@@ -74,7 +74,9 @@ def smol_tokenizer_dir(bundled_gguf: str, tmp_path_factory: pytest.TempPathFacto
     from transformers import AutoTokenizer
 
     def build(folder: Path) -> None:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(bundled_gguf), gguf_file=os.path.basename(bundled_gguf))
+        tokenizer = AutoTokenizer.from_pretrained(
+            os.path.dirname(bundled_gguf), gguf_file=os.path.basename(bundled_gguf)
+        )
         tokenizer.save_pretrained(str(folder))
 
     cached = _cached_build("smol-tokenizer", bundled_gguf, build)
@@ -97,7 +99,9 @@ def tiny_model_factory(
 
     tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
 
-    def make(n_layers: int = 2, hidden: int = 64, seed: int = 0, path: str | os.PathLike[str] | None = None) -> str:
+    def make(
+        n_layers: int = 2, hidden: int = 64, seed: int = 0, path: str | os.PathLike[str] | None = None
+    ) -> str:
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=hidden,

@@ -42,7 +42,12 @@ _PER_LAYER_CONFIG_KEYS = frozenset({"layer_types", "no_rope_layers", "activation
 
 # Files a previous checkpoint may have left in an output folder; stale shards next to a fresh save would
 # make from_pretrained load a mix of two models.
-_STALE_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")
+_STALE_WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "*.bin.index.json",
+)
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,7 @@ def resolve_model_source(name: str, *, flag: str = "--model") -> ModelSource:
 
 
 def _first_line(error: BaseException) -> str:
-    """The first non-empty line of an exception message, so a UserError stays on one line."""
+    """Return the first non-empty line of an exception message, so a UserError stays on one line."""
     for line in str(error).splitlines():
         if line.strip():
             return line.strip()
@@ -220,8 +225,10 @@ def _is_gguf_model(model: PreTrainedModel) -> bool:
     quantization = getattr(model.config, "quantization_config", None)
     if quantization is None:
         return False
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else (
-        getattr(quantization, "quant_method", None)
+    method = (
+        quantization.get("quant_method")
+        if isinstance(quantization, dict)
+        else (getattr(quantization, "quant_method", None))
     )
     # QuantizationMethod is a str enum, so this also matches the enum member.
     return method is not None and str(getattr(method, "value", method)) == "gguf"
@@ -276,7 +283,11 @@ def _rebuild(model: PreTrainedModel, config: object, rename: Callable[[str], str
     with torch.no_grad():
         for key, buffer in model.named_buffers():
             new_key = rename(key)
-            if new_key is not None and new_key in fresh_buffers and fresh_buffers[new_key].shape == buffer.shape:
+            if (
+                new_key is not None
+                and new_key in fresh_buffers
+                and fresh_buffers[new_key].shape == buffer.shape
+            ):
                 fresh_buffers[new_key].copy_(buffer)
     # Skipping init also skipped weight tying; tie now that both sides hold the loaded values.
     fresh.tie_weights()
@@ -332,13 +343,15 @@ def _decoder_layers(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:
 
 
 def kept_layer_indices(total: int, num_layers: int) -> list[int]:
-    """Indices of ``num_layers`` evenly spaced layers out of ``total``, first and last included.
+    """Return ``num_layers`` evenly spaced layer indices out of ``total``, first and last included.
 
     Raises:
         UserError: ``num_layers`` is outside ``1..total``.
     """
     if not 1 <= num_layers <= total:
-        raise UserError(f"--num-layers: must be between 1 and {total} (the model's layer count), got {num_layers}")
+        raise UserError(
+            f"--num-layers: must be between 1 and {total} (the model's layer count), got {num_layers}"
+        )
     if num_layers == 1:
         return [0]
     step = (total - 1) / (num_layers - 1)
@@ -376,7 +389,7 @@ def depth_prune(model: PreTrainedModel, num_layers: int) -> PreTrainedModel:
     def rename(key: str) -> str | None:
         if not key.startswith(layer_prefix):
             return key
-        index, _, rest = key[len(layer_prefix):].partition(".")
+        index, _, rest = key[len(layer_prefix) :].partition(".")
         if int(index) not in new_index:
             return None
         return f"{layer_prefix}{new_index[int(index)]}.{rest}"
@@ -485,7 +498,9 @@ def apply_lora(
     else:
         targets = list(target_modules)
     if not targets:
-        raise UserError("LoRA target modules are empty; name modules like 'q_proj,v_proj' or use 'all-linear'")
+        raise UserError(
+            "LoRA target modules are empty; name modules like 'q_proj,v_proj' or use 'all-linear'"
+        )
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets
     )

@@ -48,35 +48,42 @@ def _identity_hash(params: LLMTrainingParams) -> str:
     return hashlib.sha256(json.dumps(params.run_identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def claim_project_dir(params: LLMTrainingParams) -> str:
-    """Create or reuse the project folder; refuse to write over a different run without --overwrite."""
+def check_project_dir(params: LLMTrainingParams) -> str:
+    """The project folder to use; refuses (before anything is written) a folder holding a different run or
+    other files, unless --overwrite."""
     path = os.path.abspath(params.project_name)
     if os.path.isfile(path):
         raise UserError(f"--project-name '{params.project_name}' is a file; pass a folder path")
-    if os.path.isdir(path) and os.listdir(path):
+    if os.path.isdir(path) and os.listdir(path) and not params.overwrite:
         run_path = os.path.join(path, RUN_FILE)
         if not os.path.exists(run_path):
-            if not params.overwrite:
-                raise UserError(
-                    f"--project-name '{params.project_name}' already exists and holds files of something else; "
-                    "choose a new folder or pass --overwrite"
-                )
-        else:
-            with open(run_path, encoding="utf-8") as f:
-                previous = json.load(f)
-            if previous.get("identity") != _identity_hash(params) and not params.overwrite:
-                status = previous.get("status", "unfinished")
-                raise UserError(
-                    f"--project-name '{params.project_name}' holds a different {status} run; choose a new folder, "
-                    "or pass --overwrite to replace it"
-                )
-            if previous.get("identity") != _identity_hash(params):
-                # Checkpoints of another run must never be resumed into this one.
-                for name in os.listdir(path):
-                    if name.startswith("checkpoint-"):
-                        shutil.rmtree(os.path.join(path, name))
-    os.makedirs(path, exist_ok=True)
+            raise UserError(
+                f"--project-name '{params.project_name}' already exists and holds files of something else; "
+                "choose a new folder or pass --overwrite"
+            )
+        with open(run_path, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous.get("identity") != _identity_hash(params):
+            status = previous.get("status", "unfinished")
+            raise UserError(
+                f"--project-name '{params.project_name}' holds a different {status} run; choose a new folder, "
+                "or pass --overwrite to replace it"
+            )
     return path
+
+
+def open_project_dir(path: str, params: LLMTrainingParams) -> None:
+    """Create the folder; checkpoints of another run (kept only with --overwrite) are removed so that they
+    can never be resumed into this one."""
+    run_path = os.path.join(path, RUN_FILE)
+    if os.path.exists(run_path):
+        with open(run_path, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous.get("identity") != _identity_hash(params):
+            for name in os.listdir(path):
+                if name.startswith("checkpoint-"):
+                    shutil.rmtree(os.path.join(path, name))
+    os.makedirs(path, exist_ok=True)
 
 
 def _write_run_file(project: str, params: LLMTrainingParams, status: str, **extra: Any) -> None:
@@ -171,7 +178,7 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
 
     _preflight(params)
     train_examples, valid_examples = data_mod.load_examples(params)
-    project = claim_project_dir(params)
+    project = check_project_dir(params)
 
     accelerator = Accelerator(
         mixed_precision=params.mixed_precision or "no",
@@ -182,21 +189,25 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     is_main = accelerator.is_main_process
     show_progress = show_progress and is_main
     set_seed(params.seed)
-    if is_main:
-        params.save_json(os.path.join(project, PARAMS_FILE))
-        _write_run_file(project, params, "running")
-    _setup_file_log(project, is_main)
-    log.info("project folder: %s", project)
-
     tokenizer = models.load_tokenizer(params.model or "", trust_remote_code=params.trust_remote_code, token=params.token)
     chat_template = data_mod.resolve_chat_template(tokenizer, params.chat_template)
 
+    def start_project() -> None:
+        if is_main:
+            open_project_dir(project, params)
+            params.save_json(os.path.join(project, PARAMS_FILE))
+            _write_run_file(project, params, "running")
+        accelerator.wait_for_everyone()
+        _setup_file_log(project, is_main)
+        log.info("project folder: %s", project)
+
     # Data -> token sequences (the teacher writes missing responses and is cached here, once).
     cache = None
-    all_examples = train_examples + valid_examples
     if params.use_distillation:
         from aitraining.teacher import prepare_teacher
 
+        start_project()
+        all_examples = train_examples + valid_examples
         teacher_items, cache = prepare_teacher(
             params,
             all_examples,
@@ -237,6 +248,8 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     if dropped:
         log.warning("%d of %d training rows dropped: the prompt leaves no room in --block-size %d",
                     dropped, len(train_examples), params.block_size)
+    if not params.use_distillation:
+        start_project()
 
     # The student.
     model = models.load_causal_lm(
@@ -294,6 +307,10 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     tokens_seen = 0
     window_stats = _Stats()
     last: dict[str, Any] = {}
+    if valid_items and global_step == 0:
+        # The "before" of every before/after comparison: the untrained student on the validation rows.
+        ev = _evaluate(accelerator.unwrap_model(objective).model, valid_items, cache, params, pad_id)
+        _log_metrics(metrics_path, {"step": 0, "epoch": 0, **{f"eval_{k}": v for k, v in ev.items()}}, accelerator, is_main)
     try:
         for epoch in range(global_step // steps_per_epoch, params.epochs):
             objective.train()

@@ -1,0 +1,258 @@
+"""End-to-end runs of the CLI and the Python API on tiny models: what a run leaves, gradient invariances,
+resume, LoRA, and a project folder that is never overwritten by mistake."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_same_weights, max_weight_change, write_jsonl
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from aitraining.cli import main
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(*args: str) -> int:
+    return main(["llm", "--train", *args])
+
+
+def common(student: str, data: str, project: Path, *extra: str) -> list[str]:
+    return ["--model", student, "--data-path", data, "--project-name", str(project), "--seed", "7", *extra]
+
+
+def test_sft_run_leaves_a_loadable_documented_folder(tiny_student, pairs_file, tmp_path):
+    project = tmp_path / "sft"
+    rc = cli(*common(tiny_student, pairs_file, project, "--epochs", "2", "--batch-size", "4", "--lr", "1e-3",
+                     "--logging-steps", "1", "--token", "hf_SECRET_TOKEN_123"))
+    assert rc == 0
+    model = AutoModelForCausalLM.from_pretrained(project)
+    tok = AutoTokenizer.from_pretrained(project)
+    out = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] >= 2
+    assert (project / "model.safetensors").exists()
+    params = json.loads((project / "training_params.json").read_text())
+    assert params["lr"] == 1e-3 and "token" not in params
+    card = (project / "README.md").read_text()
+    assert tiny_student in card and "loss" in card
+    metrics = [json.loads(x) for x in (project / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= metrics[0].keys()
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert [p.name for p in project.glob("checkpoint-*")] == ["checkpoint-4"]  # save_total_limit 1
+    # The token never reaches the disk.
+    for path in project.rglob("*"):
+        if path.is_file():
+            assert b"hf_SECRET_TOKEN_123" not in path.read_bytes(), path
+
+
+def test_documented_python_api_with_distillation(tiny_student, tiny_teacher, prompts_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from autotrain.project import AutoTrainProject
+    from autotrain.trainers.clm.params import LLMTrainingParams
+
+    params = LLMTrainingParams(
+        model=tiny_student,
+        teacher_model=tiny_teacher,
+        data_path=prompts_file,
+        project_name="distilled-gemma",
+        use_distillation=True,
+        distill_temperature=3.0,
+        distill_alpha=0.7,
+        distill_max_teacher_length=8,
+        trainer="sft",
+        epochs=2,
+        batch_size=4,
+        lr=1e-4,
+    )
+    project = AutoTrainProject(params=params, backend="local", process=True).create()
+    assert project == str(tmp_path / "distilled-gemma")
+    AutoModelForCausalLM.from_pretrained(project)
+    outputs = (Path(project) / "teacher_outputs.jsonl").read_text().splitlines()
+    assert len(outputs) == 8
+    assert json.loads((Path(project) / "run.json").read_text())["status"] == "finished"
+
+
+def _one_step(student: str, data: str, project: Path, *extra: str) -> Path:
+    rc = cli(*common(student, data, project, "--epochs", "1", "--optimizer", "sgd", "--lr", "0.5", "--warmup-ratio",
+                     "0", "--scheduler", "constant", "--max-grad-norm", "0", *extra))
+    assert rc == 0
+    return project
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tiny_student, tiny_teacher, pairs_file, tmp_path, distill):
+    """SGD makes the update proportional to the gradient, so equal weights mean equal gradients. The rows
+    have different lengths: averaging per micro-batch (the common mistake) would give other weights."""
+    extra = ("--use-distillation", "--teacher-model", tiny_teacher, "--distill-alpha", "0.5") if distill else ()
+    a = _one_step(tiny_student, pairs_file, tmp_path / "a", "--batch-size", "8", "--gradient-accumulation", "1", *extra)
+    b = _one_step(tiny_student, pairs_file, tmp_path / "b", "--batch-size", "2", "--gradient-accumulation", "4", *extra)
+    c = _one_step(tiny_student, pairs_file, tmp_path / "c", "--batch-size", "1", "--gradient-accumulation", "8", *extra)
+    assert max_weight_change(a, tiny_student) > 1e-4  # the step did something
+    assert_same_weights(a, b, atol=2e-6)
+    assert_same_weights(a, c, atol=2e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_gradient_of_one_big_batch(tiny_student, tiny_teacher, pairs_file, tmp_path):
+    """Two data-parallel CPU processes (gloo), each taking half of the global batch.
+
+    `accelerate launch --multi_gpu --num_processes 2` starts them through torchrun; on a machine without
+    CUDA the Accelerator runs them on the CPU. (`accelerate launch --cpu --num_processes 2` starts only one
+    process unless an MPI hostfile is given: accelerate's simple launcher.)
+    """
+    extra = ["--use-distillation", "--teacher-model", tiny_teacher, "--distill-alpha", "0.5"]
+    one = _one_step(tiny_student, pairs_file, tmp_path / "one", "--batch-size", "8", *extra)
+    two = tmp_path / "two"
+    args = common(tiny_student, pairs_file, two, "--epochs", "1", "--optimizer", "sgd", "--lr", "0.5", "--warmup-ratio",
+                  "0", "--scheduler", "constant", "--max-grad-norm", "0", "--batch-size", "4", *extra)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "aitraining.cli", "llm", "--train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launcher, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1]  # one optimizer step over the global batch of 8 rows
+    assert_same_weights(one, two, atol=2e-6)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_student, pairs_file, tmp_path, monkeypatch):
+    base = ("--epochs", "3", "--batch-size", "2", "--lr", "1e-3", "--logging-steps", "1", "--save-total-limit", "2")
+    full = tmp_path / "full"
+    assert cli(*common(tiny_student, pairs_file, full, *base)) == 0
+
+    import aitraining.train as train_mod
+
+    calls = {"n": 0}
+    real_add = train_mod._Stats.add
+
+    def add_then_interrupt(self, *a):
+        real_add(self, *a)
+        calls["n"] += 1
+        if calls["n"] == 7:  # in the middle of the second epoch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod._Stats, "add", add_then_interrupt)
+    stopped = tmp_path / "stopped"
+    assert cli(*common(tiny_student, pairs_file, stopped, *base)) == 2
+    assert (stopped / "checkpoint-6").is_dir()
+    monkeypatch.setattr(train_mod._Stats, "add", real_add)
+    assert cli(*common(tiny_student, pairs_file, stopped, *base, "--resume-from-checkpoint", "latest")) == 0
+    assert_same_weights(full, stopped, atol=1e-6)
+
+
+def test_resume_from_an_epoch_checkpoint_folder(tiny_student, pairs_file, tmp_path):
+    base = ("--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--save-total-limit", "2", "--peft",
+            "--lora-dropout", "0.1", "--merge-adapter")
+    full = tmp_path / "full"
+    assert cli(*common(tiny_student, pairs_file, full, *base)) == 0
+    # A second project continues from the first epoch's checkpoint of the first one.
+    again = tmp_path / "again"
+    assert cli(*common(tiny_student, pairs_file, again, *base, "--resume-from-checkpoint", str(full / "checkpoint-2"))) == 0
+    assert_same_weights(full, again, atol=1e-6)
+
+
+def test_lora_adapter_and_merged_model(tiny_student, pairs_file, tmp_path):
+    plain = tmp_path / "lora"
+    assert cli(*common(tiny_student, pairs_file, plain, "--peft", "--lora-r", "4", "--lora-alpha", "8",
+                       "--target-modules", "q_proj,v_proj", "--lr", "1e-2")) == 0
+    config = json.loads((plain / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and set(config["target_modules"]) == {"q_proj", "v_proj"}
+    assert (plain / "adapter_model.safetensors").exists() and not (plain / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(plain)  # transformers applies the adapter to the base model
+    assert any("lora" in n for n, _ in loaded.named_parameters())
+
+    merged = tmp_path / "merged"
+    assert cli(*common(tiny_student, pairs_file, merged, "--peft", "--merge-adapter", "--lr", "1e-2")) == 0
+    assert (merged / "model.safetensors").exists() and (merged / "adapter" / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert max_weight_change(merged, tiny_student) > 0
+
+
+def _tree_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(str(path.relative_to(folder)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_a_different_finished_run_is_never_overwritten(tiny_student, pairs_file, tmp_path, capsys):
+    project = tmp_path / "p"
+    assert cli(*common(tiny_student, pairs_file, project)) == 0
+    before = _tree_digest(project)
+    capsys.readouterr()
+    assert cli(*common(tiny_student, pairs_file, project, "--lr", "1e-3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0]
+    assert _tree_digest(project) == before
+    # A folder of something else is protected too.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert cli(*common(tiny_student, pairs_file, other)) == 2
+    assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
+    # With --overwrite it runs.
+    assert cli(*common(tiny_student, pairs_file, project, "--lr", "1e-3", "--overwrite")) == 0
+    assert json.loads((project / "training_params.json").read_text())["lr"] == 1e-3
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--model", "./no/such/model"], "--model"),
+        (["--teacher-model", "./no/such/teacher", "--use-distillation"], "--teacher-model"),
+        (["--distill-alpha", "1.5"], "--distill-alpha must be in [0, 1], got 1.5"),
+        (["--use-distillation"], "--teacher-model is required"),
+        (["--resume-from-checkpoint", "./nowhere"], "--resume-from-checkpoint"),
+        (["--block-size", "9", "--chat-template", "tokenizer"], "--block-size"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_student, pairs_file, tmp_path, capsys, args, expected):
+    project = tmp_path / "never"
+    # argparse keeps the last value of a repeated flag, so `args` override the good defaults.
+    flat = common(tiny_student, pairs_file, project, *args)
+    assert cli(*flat) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not project.exists()
+
+
+def test_data_folder_with_validation_split_and_chat_rows(tiny_student, tmp_path):
+    data = tmp_path / "data"
+    chat = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": p},
+                          {"role": "assistant", "content": r}]} for p, r in [("Hi", "Hello!"), ("2+2?", "4")] * 3]
+    write_jsonl(data / "train.jsonl", chat)
+    write_jsonl(data / "valid.jsonl", chat[:2])
+    project = tmp_path / "chat"
+    assert cli("--model", tiny_student, "--data-path", str(data), "--valid-split", "valid", "--project-name",
+               str(project), "--epochs", "2", "--lr", "1e-3") == 0
+    evals = [json.loads(x) for x in (project / "metrics.jsonl").read_text().splitlines() if "eval_ce" in x]
+    assert [e["epoch"] for e in evals] == [0, 1, 2]
+    assert evals[-1]["eval_ce"] < evals[0]["eval_ce"]
+
+
+def test_checkpoints_are_self_describing(tiny_student, pairs_file, tmp_path):
+    project = tmp_path / "ck"
+    assert cli(*common(tiny_student, pairs_file, project, "--epochs", "2", "--save-total-limit", "5")) == 0
+    found = sorted(p.name for p in project.glob("checkpoint-*"))
+    assert found == ["checkpoint-4", "checkpoint-8"]
+    state = json.loads((project / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["epoch"] == 1
+
+
+def test_shared_real_data_sft(tiny_student, shared_data, tmp_path):
+    project = tmp_path / "real"
+    assert cli("--model", tiny_student, "--data-path", str(shared_data / "user_oriented_pairs.jsonl"), "--project-name",
+               str(project), "--max-samples", "24", "--batch-size", "8", "--block-size", "256", "--lr", "1e-3") == 0
+    assert torch.isfinite(torch.tensor(json.loads((project / "run.json").read_text())["final_metrics"]["loss"]))
+    shutil.rmtree(project)

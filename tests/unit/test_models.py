@@ -1,0 +1,481 @@
+"""Tests for aitraining.models: resolving, loading, materializing, pruning and adapting models."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from aitraining.errors import UserError
+from aitraining.models import (
+    ModelSource,
+    apply_lora,
+    compare_vocabularies,
+    count_parameters,
+    depth_prune,
+    kept_layer_indices,
+    load_causal_lm,
+    load_tokenizer,
+    materialize,
+    prune_to_folder,
+    resolve_model_source,
+)
+
+
+def _logits(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of ``model`` for a batch of token ids, without gradients."""
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _prompt_ids(tokenizer_dir: str) -> torch.Tensor:
+    """A short chat-formatted prompt as a (1, T) id tensor."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name a primary colour."}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def _lora_target(param_name: str) -> str:
+    """The wrapped module's name in a LoRA parameter name such as ``...q_proj.lora_A.default.weight``."""
+    parts = param_name.split(".")
+    return next(parts[i - 1] for i, part in enumerate(parts) if part.startswith("lora_"))
+
+
+def _write_tiny_gguf(path: Path, *, layers: int = 3, hidden: int = 32, vocab: int = 96) -> Path:
+    """Write a small random float32 Llama ``.gguf`` (no tokenizer), so GGUF loading is testable in ~1 s."""
+    import gguf
+
+    heads, kv_heads, ffn = 4, 2, 2 * hidden
+    kv_width = kv_heads * hidden // heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(vocab)
+    rng = np.random.default_rng(0)
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (vocab, hidden),
+        "output_norm.weight": (hidden,),
+    }
+    for i in range(layers):
+        shapes |= {
+            f"blk.{i}.attn_norm.weight": (hidden,),
+            f"blk.{i}.attn_q.weight": (hidden, hidden),
+            f"blk.{i}.attn_k.weight": (kv_width, hidden),
+            f"blk.{i}.attn_v.weight": (kv_width, hidden),
+            f"blk.{i}.attn_output.weight": (hidden, hidden),
+            f"blk.{i}.ffn_norm.weight": (hidden,),
+            f"blk.{i}.ffn_gate.weight": (ffn, hidden),
+            f"blk.{i}.ffn_up.weight": (ffn, hidden),
+            f"blk.{i}.ffn_down.weight": (hidden, ffn),
+        }
+    for name, shape in shapes.items():
+        # Norm weights near 1 and small projections keep the random model numerically tame.
+        scale, offset = (0.1, 1.0) if len(shape) == 1 else (0.05, 0.0)
+        writer.add_tensor(name, (offset + scale * rng.standard_normal(shape)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny6_dir(tiny_model_factory: Callable[..., str]) -> str:
+    """A six-layer tiny Llama folder shared by the pruning tests."""
+    return tiny_model_factory(n_layers=6, seed=1)
+
+
+# --- resolve_model_source ---------------------------------------------------------------------------
+
+
+def test_resolve_hf_folder(tiny_model_factory: Callable[..., str]) -> None:
+    folder = tiny_model_factory()
+    assert resolve_model_source(folder) == ModelSource(folder=folder, gguf_file=None, is_local=True)
+
+
+def test_resolve_gguf_file(tmp_path: Path) -> None:
+    gguf = tmp_path / "model.Q4_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    source = resolve_model_source(str(gguf))
+    assert source == ModelSource(folder=str(tmp_path), gguf_file="model.Q4_0.gguf", is_local=True)
+
+
+def test_resolve_bundled_gguf(bundled_gguf: str) -> None:
+    source = resolve_model_source(bundled_gguf)
+    assert source.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert os.path.join(source.folder, source.gguf_file) == bundled_gguf
+
+
+def test_resolve_folder_with_one_gguf(tmp_path: Path) -> None:
+    (tmp_path / "only.gguf").write_bytes(b"GGUF")
+    (tmp_path / "notes.txt").write_text("not a model", encoding="utf-8")
+    assert resolve_model_source(str(tmp_path)) == ModelSource(str(tmp_path), "only.gguf", True)
+
+
+def test_resolve_folder_with_two_ggufs_is_ambiguous(tmp_path: Path) -> None:
+    (tmp_path / "a.gguf").write_bytes(b"GGUF")
+    (tmp_path / "b.gguf").write_bytes(b"GGUF")
+    with pytest.raises(UserError, match=r"--model: .*several \.gguf files \(a\.gguf, b\.gguf\)"):
+        resolve_model_source(str(tmp_path))
+
+
+def test_resolve_folder_without_model(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"--student: .*no config\.json and no \.gguf"):
+        resolve_model_source(str(tmp_path), flag="--student")
+
+
+def test_resolve_plain_file_is_not_a_model(tmp_path: Path) -> None:
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"\0")
+    with pytest.raises(UserError, match=r"--model: .*not a \.gguf"):
+        resolve_model_source(str(weights))
+
+
+def test_resolve_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An empty working directory guarantees the id cannot collide with a relative path.
+    monkeypatch.chdir(tmp_path)
+    source = resolve_model_source("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert source == ModelSource("HuggingFaceTB/SmolLM2-135M-Instruct", None, False)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "./no-such-model",
+        "../no-such-model",
+        "/no/such/model",
+        "~/no-such-aitraining-model",
+        "missing.gguf",
+        "models/missing.gguf",
+        "not a hub id",
+        "",
+    ],
+)
+def test_resolve_missing_local_path(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as caught:
+        resolve_model_source(name, flag="--teacher")
+    message = str(caught.value)
+    assert message.startswith("--teacher: ")
+    assert "\n" not in message
+    if name.strip():
+        assert message == (
+            f"--teacher: model path '{name}' does not exist; "
+            "pass a local model folder, a .gguf file or a hub id"
+        )
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+def test_load_causal_lm_tiny_folder(tiny_model_factory: Callable[..., str]) -> None:
+    folder = tiny_model_factory(n_layers=2)
+    model = load_causal_lm(folder)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_hidden_layers == 2
+    assert model.dtype == torch.float32
+    assert model is materialize(model)  # a normal model needs no rebuild
+
+    half = load_causal_lm(folder, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+
+
+def test_tiny_factory_is_deterministic(tiny_model_factory: Callable[..., str]) -> None:
+    first = load_causal_lm(tiny_model_factory(seed=3))
+    second = load_causal_lm(tiny_model_factory(seed=3))
+    other = load_causal_lm(tiny_model_factory(seed=4))
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(first.state_dict()[weight], second.state_dict()[weight])
+    assert not torch.equal(first.state_dict()[weight], other.state_dict()[weight])
+
+
+def test_load_causal_lm_without_weights_is_user_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
+    with pytest.raises(UserError, match=r"^--student: could not load a causal language model from") as caught:
+        load_causal_lm(str(tmp_path), flag="--student")
+    assert "\n" not in str(caught.value)
+
+
+def test_load_tokenizer_sets_missing_pad_token(
+    tiny_model_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    folder = tiny_model_factory(path=tmp_path / "no-pad")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder).pad_token is None
+
+    loaded = load_tokenizer(folder)
+    assert loaded.pad_token == loaded.eos_token is not None
+    assert loaded.chat_template
+
+
+def test_load_tokenizer_missing_path_names_flag(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"^--teacher: model path"):
+        load_tokenizer(str(tmp_path / "absent.gguf"), flag="--teacher")
+
+
+# --- materialize ------------------------------------------------------------------------------------
+
+
+def test_load_causal_lm_gguf_is_saveable(tmp_path: Path) -> None:
+    gguf_path = _write_tiny_gguf(tmp_path / "tiny.gguf")
+    quantized = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
+    with pytest.raises(ValueError):
+        quantized.save_pretrained(str(tmp_path / "refused"))
+
+    model = load_causal_lm(str(gguf_path))
+    assert getattr(model.config, "quantization_config", None) is None
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.arange(12).unsqueeze(0)
+    expected = _logits(quantized, ids)
+    torch.testing.assert_close(_logits(model, ids), expected, rtol=0, atol=0)
+    for key, tensor in quantized.state_dict().items():
+        assert torch.equal(model.state_dict()[key], tensor), key
+    for (key, buffer), (_, copied) in zip(quantized.named_buffers(), model.named_buffers(), strict=True):
+        assert torch.equal(buffer, copied), key
+
+    model.save_pretrained(str(tmp_path / "saved"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))
+    torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=0, atol=0)
+    # The folder now holds one gguf, so it resolves too.
+    assert load_causal_lm(str(tmp_path)).config.num_hidden_layers == 3
+
+
+def test_depth_prune_of_gguf_model_is_saveable(tmp_path: Path) -> None:
+    _write_tiny_gguf(tmp_path / "tiny.gguf")
+    quantized = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
+    pruned = depth_prune(quantized, 2)
+    pruned.save_pretrained(str(tmp_path / "pruned"))
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "pruned")).config.num_hidden_layers == 2
+
+
+@pytest.mark.slow  # dequantizing the real 135M gguf takes ~13-20 s on a small CPU box
+def test_materialize_gguf_round_trip(bundled_gguf: str, smol_tokenizer_dir: str, tmp_path: Path) -> None:
+    folder, name = os.path.split(bundled_gguf)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    with pytest.raises(ValueError):
+        quantized.save_pretrained(str(tmp_path / "refused"))
+
+    model = materialize(quantized)
+    assert model is not quantized
+    assert getattr(model.config, "quantization_config", None) is None
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert count_parameters(model) == count_parameters(quantized)
+
+    ids = _prompt_ids(smol_tokenizer_dir)
+    expected = _logits(quantized, ids)
+    torch.testing.assert_close(_logits(model, ids), expected, rtol=0, atol=0)
+
+    model.save_pretrained(str(tmp_path / "saved"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))
+    torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=0, atol=0)
+
+
+def test_smol_teacher_dir_matches_bundled_config(smol_teacher_dir: str) -> None:
+    model = load_causal_lm(smol_teacher_dir)
+    assert model.config.num_hidden_layers == 30
+    assert model.config.hidden_size == 576
+    assert model.config.vocab_size == 49152
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert load_tokenizer(smol_teacher_dir).chat_template
+
+
+# --- depth pruning ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("total", "keep", "expected"),
+    [
+        (6, 3, [0, 2, 5]),
+        (6, 6, [0, 1, 2, 3, 4, 5]),
+        (6, 1, [0]),
+        (6, 2, [0, 5]),
+        (30, 8, [0, 4, 8, 12, 17, 21, 25, 29]),
+    ],
+)
+def test_kept_layer_indices(total: int, keep: int, expected: list[int]) -> None:
+    assert kept_layer_indices(total, keep) == expected
+
+
+def test_depth_prune_keeps_evenly_spaced_layers(tiny6_dir: str, tmp_path: Path) -> None:
+    model = load_causal_lm(tiny6_dir)
+    pruned = depth_prune(model, 3)
+
+    assert len(model.model.layers) == 6  # the source is left alone
+    assert pruned.config.num_hidden_layers == 3
+    assert len(pruned.model.layers) == 3
+    assert [layer.self_attn.layer_idx for layer in pruned.model.layers] == [0, 1, 2]
+    source = model.state_dict()
+    target = pruned.state_dict()
+    for new, old in enumerate([0, 2, 5]):
+        prefix_new, prefix_old = f"model.layers.{new}.", f"model.layers.{old}."
+        names = [k for k in target if k.startswith(prefix_new)]
+        assert names
+        for key in names:
+            assert torch.equal(target[key], source[prefix_old + key[len(prefix_new) :]]), key
+    for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert torch.equal(target[key], source[key])
+    assert pruned.lm_head.weight is pruned.model.embed_tokens.weight
+
+    ids = _prompt_ids(tiny6_dir)
+    generated = pruned.generate(ids, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert generated.shape == (1, ids.shape[1] + 4)
+
+    pruned.save_pretrained(str(tmp_path))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert reloaded.config.num_hidden_layers == 3
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(pruned, ids), rtol=0, atol=0)
+
+
+def test_depth_prune_all_layers_is_identity(tiny6_dir: str) -> None:
+    model = load_causal_lm(tiny6_dir)
+    ids = _prompt_ids(tiny6_dir)
+    torch.testing.assert_close(_logits(depth_prune(model, 6), ids), _logits(model, ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("keep", [0, -1, 7])
+def test_depth_prune_rejects_bad_layer_count(tiny6_dir: str, keep: int) -> None:
+    model = load_causal_lm(tiny6_dir)
+    with pytest.raises(UserError, match=r"^--num-layers: must be between 1 and 6"):
+        depth_prune(model, keep)
+
+
+def test_depth_prune_slices_layer_types(tmp_path: Path) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    layer_types = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=16,
+        layer_types=layer_types,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    pruned = depth_prune(model, 3)
+    assert pruned.config.layer_types == ["full_attention", "sliding_attention", "full_attention"]
+
+    pruned.save_pretrained(str(tmp_path))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert reloaded.config.layer_types == pruned.config.layer_types
+    ids = torch.arange(20).unsqueeze(0)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(pruned, ids), rtol=0, atol=0)
+
+
+def test_depth_prune_bundled_teacher(smol_teacher_dir: str) -> None:
+    teacher = load_causal_lm(smol_teacher_dir)
+    student = depth_prune(teacher, 8)
+    assert student.config.num_hidden_layers == 8
+    assert len(student.model.layers) == 8
+    assert torch.equal(
+        student.model.layers[7].mlp.down_proj.weight, teacher.model.layers[29].mlp.down_proj.weight
+    )
+    assert count_parameters(student) < count_parameters(teacher)
+    ids = _prompt_ids(smol_teacher_dir)
+    generated = student.generate(ids, max_new_tokens=3, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert generated.shape[1] == ids.shape[1] + 3
+
+
+def test_prune_to_folder(tiny6_dir: str, tmp_path: Path) -> None:
+    output = tmp_path / "student"
+    assert prune_to_folder(tiny6_dir, 2, str(output)) == str(output)
+
+    model = AutoModelForCausalLM.from_pretrained(str(output))
+    assert model.config.num_hidden_layers == 2
+    assert AutoTokenizer.from_pretrained(str(output)).chat_template
+    assert any(output.glob("*.safetensors"))
+    readme = (output / "README.md").read_text(encoding="utf-8")
+    assert tiny6_dir in readme and "layers 0, 5" in readme and "distillation" in readme
+
+
+def test_prune_to_folder_refuses_non_empty_output(tiny6_dir: str, tmp_path: Path) -> None:
+    output = tmp_path / "busy"
+    output.mkdir()
+    (output / "keep.txt").write_text("user data", encoding="utf-8")
+    with pytest.raises(UserError) as caught:
+        prune_to_folder(tiny6_dir, 2, str(output))
+    assert "--output" in str(caught.value) and "--overwrite" in str(caught.value)
+
+    # With overwrite, stale weights go but unrelated files stay.
+    (output / "model-00001-of-00009.safetensors").write_bytes(b"stale")
+    prune_to_folder(tiny6_dir, 3, str(output), overwrite=True)
+    assert (output / "keep.txt").exists()
+    assert not (output / "model-00001-of-00009.safetensors").exists()
+    assert AutoModelForCausalLM.from_pretrained(str(output)).config.num_hidden_layers == 3
+
+
+def test_prune_to_folder_refuses_file_output(tiny6_dir: str, tmp_path: Path) -> None:
+    target = tmp_path / "file.txt"
+    target.write_text("x", encoding="utf-8")
+    with pytest.raises(UserError, match=r"^--output: "):
+        prune_to_folder(tiny6_dir, 2, str(target), overwrite=True)
+
+
+# --- vocabularies, LoRA, parameter counts -----------------------------------------------------------
+
+
+def test_compare_vocabularies(smol_tokenizer_dir: str) -> None:
+    first = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    second = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    assert compare_vocabularies(first, second) == "same"
+    second.add_tokens(["<aitraining-extra-token>"])
+    assert compare_vocabularies(first, second) == "different"
+
+
+@pytest.mark.parametrize("targets", ["q_proj,v_proj", " q_proj , v_proj ", ["q_proj", "v_proj"]])
+def test_apply_lora_trains_only_adapters(
+    tiny_model_factory: Callable[..., str], targets: str | list[str]
+) -> None:
+    model = load_causal_lm(tiny_model_factory())
+    peft_model = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules=targets)
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert {_lora_target(name) for name in trainable} == {"q_proj", "v_proj"}
+    assert 0 < count_parameters(peft_model, trainable_only=True) < count_parameters(peft_model)
+
+
+def test_apply_lora_all_linear(tiny_model_factory: Callable[..., str]) -> None:
+    peft_model = apply_lora(
+        load_causal_lm(tiny_model_factory()), r=2, alpha=4, dropout=0.1, target_modules="all-linear"
+    )
+    wrapped = {_lora_target(name) for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= wrapped
+
+
+def test_apply_lora_unknown_module_is_user_error(tiny_model_factory: Callable[..., str]) -> None:
+    with pytest.raises(UserError, match="LoRA target modules"):
+        apply_lora(
+            load_causal_lm(tiny_model_factory()), r=2, alpha=4, dropout=0.0, target_modules="no_such_proj"
+        )
+
+
+def test_count_parameters_counts_tied_weights_once(tiny_model_factory: Callable[..., str]) -> None:
+    model = load_causal_lm(tiny_model_factory())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    expected = sum(t.numel() for k, t in model.state_dict().items() if k != "lm_head.weight")
+    assert count_parameters(model) == expected
+    assert count_parameters(model, trainable_only=True) == expected
+
+    for parameter in model.model.layers.parameters():
+        parameter.requires_grad_(False)
+    frozen = sum(p.numel() for p in model.model.layers.parameters())
+    assert count_parameters(model, trainable_only=True) == expected - frozen
