@@ -41,6 +41,7 @@ def _cached_build(name: str, gguf: str, build: Callable[[Path], None]) -> Path:
         return final
     parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=parent))
+    scratch.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary shared folder
     try:
         build(scratch)
         (scratch / ".complete").write_text("ok\n", encoding="utf-8")

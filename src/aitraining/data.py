@@ -99,14 +99,16 @@ def _is_datasets_folder(path: str) -> bool:
     )
 
 
-def read_rows(data_path: str, split: str, *, required: bool = True) -> tuple[list[dict[str, Any]], str] | None:
+def read_rows(
+    data_path: str, split: str, *, required: bool = True, train_split: str = "train"
+) -> tuple[list[dict[str, Any]], str] | None:
     """Read the raw rows of one split. Returns (rows, where) or None when an optional split is absent."""
     if not os.path.exists(data_path):
         raise UserError(
             f"--data-path: '{data_path}' does not exist; pass a .jsonl/.json/.csv/.parquet file or a data folder"
         )
     if _is_datasets_folder(data_path):
-        return _read_datasets_folder(data_path, split, required=required)
+        return _read_datasets_folder(data_path, split, required=required, train_split=train_split)
     path = find_split_file(data_path, split, required=required)
     if path is None:
         return None
@@ -116,7 +118,8 @@ def read_rows(data_path: str, split: str, *, required: bool = True) -> tuple[lis
     elif suffix == ".json":
         rows = _read_json(path)
     elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: spreadsheet programs start CSV files with a byte-order mark.
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -152,23 +155,27 @@ def _read_json(path: str) -> list[dict[str, Any]]:
     try:
         data = json.loads(content)
     except json.JSONDecodeError as e:
-        # Many ".json" files are really JSON lines.
-        if "\n" in content.strip():
+        # Many ".json" files are really JSON lines: then the JSON-lines reader names the bad line.
+        first = content.lstrip().split("\n", 1)[0]
+        if "\n" in content.strip() and first.startswith("{"):
             try:
-                return _read_jsonl(path)
-            except UserError:
+                json.loads(first)
+            except json.JSONDecodeError:
                 pass
+            else:
+                return _read_jsonl(path)
         raise UserError(f"--data-path: {path} line {e.lineno} is not valid JSON ({e.msg})") from None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) == 1:
-            data = lists[0]
+        data = lists[0] if len(lists) == 1 else [data]  # a single row, as in a one-line JSON-lines file
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise UserError(f"--data-path: {path} must hold a list of JSON objects (or be JSON lines)")
     return data
 
 
-def _read_datasets_folder(path: str, split: str, *, required: bool) -> tuple[list[dict[str, Any]], str] | None:
+def _read_datasets_folder(
+    path: str, split: str, *, required: bool, train_split: str
+) -> tuple[list[dict[str, Any]], str] | None:
     import datasets
 
     loaded = datasets.load_from_disk(path)
@@ -183,6 +190,11 @@ def _read_datasets_folder(path: str, split: str, *, required: bool) -> tuple[lis
         loaded = loaded[split]
     elif not required:
         return None  # a single Dataset is the training split only
+    elif split != train_split:
+        raise UserError(
+            f"--valid-split: datasets folder '{path}' holds a single Dataset, which is the training split; "
+            "save a DatasetDict with both splits, or use split files"
+        )
     return loaded.to_list(), path
 
 
@@ -251,6 +263,8 @@ def _row_to_example(row: dict[str, Any], kind: str, params: LLMTrainingParams, w
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise UserError(f"--data-path: {where} row {i} has a message without string 'role' and 'content'")
     last_assistant = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if params.use_distillation and messages[-1]["role"] == "user":
+        last_assistant = None  # the conversation waits for an answer: the teacher writes it
     if last_assistant is None:
         if not params.use_distillation:
             raise UserError(f"--data-path: {where} row {i} has no assistant turn to train on")
@@ -264,7 +278,7 @@ def _row_to_example(row: dict[str, Any], kind: str, params: LLMTrainingParams, w
 
 def load_examples(params: LLMTrainingParams) -> tuple[list[Example], list[Example]]:
     """Training and validation examples (validation empty without --valid-split)."""
-    loaded = read_rows(params.data_path or "", params.train_split, required=True)
+    loaded = read_rows(params.data_path or "", params.train_split, required=True, train_split=params.train_split)
     assert loaded is not None
     rows, where = loaded
     if params.max_samples is not None:
@@ -274,7 +288,7 @@ def load_examples(params: LLMTrainingParams) -> tuple[list[Example], list[Exampl
     if params.valid_split:
         if os.path.isfile(params.data_path or ""):
             raise UserError("--valid-split needs --data-path to be a folder holding the split files")
-        got = read_rows(params.data_path or "", params.valid_split, required=True)
+        got = read_rows(params.data_path or "", params.valid_split, required=True, train_split=params.train_split)
         assert got is not None
         valid = rows_to_examples(got[0], params, got[1])
     return train, valid

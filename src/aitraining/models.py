@@ -25,7 +25,7 @@ from aitraining.errors import UserError
 
 if TYPE_CHECKING:
     from peft import PeftModel
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def _skip_weight_init() -> Iterator[None]:
         yield
 
 
-def _clean_config(config: object) -> object:
+def _clean_config(config: PretrainedConfig) -> PretrainedConfig:
     """Deep-copy a config and drop the quantization marker, so the copy builds a plain float model."""
     config = copy.deepcopy(config)
     if hasattr(config, "quantization_config"):
@@ -258,7 +258,9 @@ def _clean_config(config: object) -> object:
     return config
 
 
-def _rebuild(model: PreTrainedModel, config: object, rename: Callable[[str], str | None]) -> PreTrainedModel:
+def _rebuild(
+    model: PreTrainedModel, config: PretrainedConfig, rename: Callable[[str], str | None]
+) -> PreTrainedModel:
     """Build a fresh model of ``model``'s class from ``config`` and copy tensors into it.
 
     Args:
@@ -318,16 +320,9 @@ def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) ->
         model: Any module.
         trainable_only: Count only parameters with ``requires_grad``.
     """
-    seen: set[int] = set()
-    total = 0
-    for parameter in model.parameters():
-        # parameters() already skips repeated Parameter objects; the id set also covers modules that
-        # share a Parameter under several names when deduplication is turned off upstream.
-        if id(parameter) in seen or (trainable_only and not parameter.requires_grad):
-            continue
-        seen.add(id(parameter))
-        total += parameter.numel()
-    return total
+    # parameters() yields each Parameter object once, so tied embeddings (one object under two names)
+    # are counted once, matching what is actually stored and trained.
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def _decoder_layers(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:

@@ -9,6 +9,7 @@ was used, because the CLI and the Python API share this one object.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from typing import Any, Literal
 
@@ -157,13 +158,15 @@ class LLMTrainingParams(BaseModel):
         _in_range(self, "teacher_sampling_temperature", 0.0, None, low_open=True)
         _in_range(self, "teacher_top_p", 0.0, 1.0, low_open=True)
         if self.chat_template is not None and self.chat_template not in CHAT_TEMPLATES:
-            raise UserError(f"--chat-template must be one of {', '.join(CHAT_TEMPLATES)}, got '{self.chat_template}'")
+            raise UserError(f"--chat-template must be one of {', '.join(CHAT_TEMPLATES)}, got {self.chat_template!r}")
         for name in ("student_prompt_template", "teacher_prompt_template"):
             value = getattr(self, name)
             if value is not None and "{input}" not in value:
-                raise UserError(f"{flag(name)} must contain the placeholder {{input}}, got '{value}'")
+                raise UserError(f"{flag(name)} must contain the placeholder {{input}}, got {value!r}")
         if self.use_distillation and not self.teacher_model:
             raise UserError("--teacher-model is required with --use-distillation: pass the teacher's folder, .gguf or hub id")
+        if not self.target_modules.strip():
+            raise UserError("--target-modules must not be empty: use all-linear or a comma list such as q_proj,v_proj")
         if self.teacher_model and not self.use_distillation:
             warnings.warn(
                 "--teacher-model is set but --use-distillation is not: the teacher is ignored (add --use-distillation)",
@@ -200,6 +203,8 @@ def _in_range(
     high_open: bool = False,
 ) -> None:
     value = getattr(p, name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{flag(name)} must be a finite number, got {value}")
     ok = True
     if low is not None:
         ok &= value > low if low_open else value >= low

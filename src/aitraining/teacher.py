@@ -150,12 +150,16 @@ class TeacherItem:
 class _Recorder(LogitsProcessor):
     """Records the sparse distribution at each generation step from the raw logits, changing nothing."""
 
-    def __init__(self, k: int, temperature: float) -> None:
-        self.k, self.temperature = k, temperature
+    def __init__(self, k: int, temperature: float, vocab: int) -> None:
+        self.k, self.temperature, self.vocab = k, temperature, vocab
         self.steps: list[TeacherTargets] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.steps.append(teacher_targets_from_logits(scores, self.k, self.temperature).to("cpu"))
+        targets = teacher_targets_from_logits(scores[:, : self.vocab], self.k, self.temperature)
+        self.steps.append(targets.to("cpu"))
+        if scores.shape[-1] > self.vocab:  # never emit a padded id: it is no token of either model
+            scores = scores.clone()
+            scores[:, self.vocab :] = float("-inf")
         return scores
 
 
@@ -180,6 +184,10 @@ class Teacher:
             flag="--teacher-model",
         )
         self.tokenizer.padding_side = "left"
+        # Note (padded vocabularies): embedding matrices are often padded past the tokenizer (152064 rows for
+        # 151936 tokens). Padded ids are no tokens: the teacher's distribution is taken over the real
+        # vocabulary only, so a top-k id always exists in the student too.
+        self.vocab = len(self.tokenizer)
         choice = "none" if params.chat_template == "none" else "auto"
         self.chat_template = resolve_chat_template(self.tokenizer, choice)
         self._model: Any = None
@@ -223,7 +231,7 @@ class Teacher:
         for i, ids in enumerate(prompts):
             input_ids[i, width - len(ids) :] = torch.tensor(ids)
             mask[i, width - len(ids) :] = 1
-        recorder = _Recorder(p.distill_top_k, p.distill_temperature)
+        recorder = _Recorder(p.distill_top_k, p.distill_temperature, self.vocab)
         processors: list[LogitsProcessor] = [recorder]
         if p.teacher_do_sample:
             from transformers import TemperatureLogitsWarper, TopPLogitsWarper
@@ -273,11 +281,35 @@ class Teacher:
         for i, (a, b) in enumerate(pairs):
             h = hidden[i, len(a) - 1 : len(a) + len(b) - 1]
             parts = [
-                teacher_targets_from_logits(head(h[s : s + 512]).float(), self.params.distill_top_k, self.params.distill_temperature)
+                teacher_targets_from_logits(
+                    head(h[s : s + 512])[:, : self.vocab].float(), self.params.distill_top_k, self.params.distill_temperature
+                )
                 for s in range(0, len(b), 512)
             ]
             out.append(TeacherTargets.cat(parts).to("cpu"))
         return out
+
+
+def check_same_vocabulary(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
+    """Teacher and student must map every token string to the same id (padded embedding rows aside)."""
+    from aitraining import models
+
+    if models.compare_vocabularies(student_tokenizer, teacher_tokenizer) != "same":
+        raise UserError(
+            "--teacher-model has a different tokenizer than --model: distillation needs the same vocabulary "
+            "for now (cross-tokenizer distillation is a planned option); pick a teacher of the same family"
+        )
+
+
+def _cut_torn_line(path: str) -> None:
+    """Drop a last line without its newline (a run killed mid-write), so that appends start on a fresh line."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            f.truncate(end)
 
 
 def _read_outputs(path: str) -> dict[str, dict[str, Any]]:
@@ -313,14 +345,8 @@ def prepare_teacher(
     Only the main process runs the teacher; the others wait, then read what it wrote. Items are None for
     examples that yield no response token.
     """
-    from aitraining import models
-
     teacher = Teacher(params, device)
-    if models.compare_vocabularies(student_tokenizer, teacher.tokenizer) != "same":
-        raise UserError(
-            "--teacher-model has a different tokenizer than --model: distillation needs the same vocabulary "
-            "for now (cross-tokenizer distillation is a planned option); pick a teacher of the same family"
-        )
+    check_same_vocabulary(student_tokenizer, teacher.tokenizer)
     identity = model_identity(params.teacher_model or "")
     gen_settings = {
         "teacher": identity,
@@ -345,6 +371,7 @@ def prepare_teacher(
     prompt_ids = [teacher.prompt_ids(ex) for ex in examples]
     gen_keys = [_hash({**gen_settings, "prompt": ids}) for ids in prompt_ids]
     if is_main:
+        _cut_torn_line(outputs_path)
         outputs = _read_outputs(outputs_path)
         missing = [i for i, ex in enumerate(examples) if ex.response is None and gen_keys[i] not in outputs]
         if missing:

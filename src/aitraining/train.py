@@ -204,8 +204,13 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     # Data -> token sequences (the teacher writes missing responses and is cached here, once).
     cache = None
     if params.use_distillation:
-        from aitraining.teacher import prepare_teacher
+        from aitraining.teacher import check_same_vocabulary, prepare_teacher
 
+        teacher_tokenizer = models.load_tokenizer(
+            params.teacher_model or "", trust_remote_code=params.trust_remote_code, token=params.token,
+            flag="--teacher-model",
+        )
+        check_same_vocabulary(tokenizer, teacher_tokenizer)
         start_project()
         all_examples = train_examples + valid_examples
         teacher_items, cache = prepare_teacher(
@@ -424,8 +429,32 @@ def _optimizer(objective: torch.nn.Module, params: LLMTrainingParams) -> torch.o
     return torch.optim.AdamW(groups, lr=params.lr)
 
 
+def _parameter_count(name: str, params: LLMTrainingParams) -> int | None:
+    """Parameters of a model from its config alone (built on the meta device: no weights are read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = models.resolve_model_source(name, flag="--teacher-model")
+    kwargs: dict[str, Any] = {"trust_remote_code": params.trust_remote_code, "token": params.token}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        config = AutoConfig.from_pretrained(source.folder, **kwargs)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=params.trust_remote_code)
+    except Exception:  # advice only: a model we cannot size is no error
+        return None
+    return models.count_parameters(model)
+
+
 def _advise(params: LLMTrainingParams, student: Any) -> None:
     """The documented advice, as warnings."""
+    teacher_n = _parameter_count(params.teacher_model or "", params)
+    student_n = models.count_parameters(student)
+    if teacher_n is not None and teacher_n < 4 * student_n:
+        log.warning(
+            "the teacher has %.1fx the student's parameters (%s vs %s); distillation works best with a teacher "
+            "4x or more larger", teacher_n / student_n, f"{teacher_n:,}", f"{student_n:,}",
+        )
     if not 2.0 <= params.distill_temperature <= 4.0:
         log.warning("--distill-temperature %g is outside the recommended 2.0-4.0", params.distill_temperature)
     if params.distill_alpha == 0.0:

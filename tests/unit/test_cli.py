@@ -139,11 +139,6 @@ def test_unknown_key_in_yaml_config(capsys: pytest.CaptureFixture[str], tmp_path
     assert "'distil_alpha'" in line and "--distil-alpha" in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="params.py: the template error echoes the raw template value; a YAML template with a newline "
-    "(the usual case) makes the CLI print a multi-line error",
-)
 def test_template_error_from_yaml_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     config = tmp_path / "run.yml"
     config.write_text(
@@ -311,7 +306,9 @@ def test_boolean_flags_take_no_value(capsys: pytest.CaptureFixture[str]) -> None
 # ------------------------------------------------------------------------------------------ help
 
 
-def test_llm_help_shows_groups_and_defaults(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_llm_help_shows_groups_and_defaults(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside "(default: ...)"
     with pytest.raises(SystemExit) as e:
         main(["llm", "--help"])
@@ -336,7 +333,9 @@ def test_llm_help_shows_groups_and_defaults(capsys: pytest.CaptureFixture[str], 
         assert flag(name) in out, name
 
 
-def test_help_flag_sections_contain_their_fields(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_help_flag_sections_contain_their_fields(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("COLUMNS", "400")
     with pytest.raises(SystemExit):
         main(["llm", "--help"])

@@ -237,11 +237,6 @@ def test_nan_is_rejected(field: str) -> None:
         make(**{field: float("nan")})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="params.py _in_range: only NaN fails the comparisons; +inf passes every lower-bound-only check "
-    "(lr, distill_temperature, teacher_sampling_temperature, weight_decay, max_grad_norm)",
-)
 @pytest.mark.parametrize("field", ["lr", "distill_temperature", "teacher_sampling_temperature"])
 def test_infinite_values_are_rejected(field: str) -> None:
     with pytest.raises(UserError, match=f"^{flag(field)}"):
@@ -392,11 +387,6 @@ def test_user_error_is_not_a_pydantic_error() -> None:
     assert e.value.exit_code == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="params.py: the template check echoes the raw template (`got '{value}'`), so a template with a "
-    "newline gives a multi-line error message, against the one-line UserError contract",
-)
 def test_template_error_message_is_one_line() -> None:
     with pytest.raises(UserError) as e:
         make(student_prompt_template="Question: {prompt}\nAnswer:")
