@@ -240,10 +240,7 @@ class Teacher:
             processors += [TemperatureLogitsWarper(p.teacher_sampling_temperature), TopPLogitsWarper(p.teacher_top_p)]
         config = GenerationConfig(
             max_new_tokens=p.distill_max_teacher_length,
-            do_sample=p.teacher_do_sample,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
+            do_sample=p.teacher_do_sample,  # no built-in warpers (temperature/top_k/top_p unset): ours run after the recorder
             eos_token_id=tok.eos_token_id,
             pad_token_id=pad,
         )

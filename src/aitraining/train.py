@@ -177,6 +177,8 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     from accelerate.utils import set_seed
 
     _preflight(params)
+    # Tied embeddings are saved once in checkpoints; accelerate reports that at every save. Expected, so quiet.
+    logging.getLogger("accelerate.utils.other").addFilter(lambda r: "Removed shared tensor" not in r.getMessage())
     train_examples, valid_examples = data_mod.load_examples(params)
     project = check_project_dir(params)
 

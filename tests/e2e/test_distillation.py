@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
+from helpers import write_jsonl
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-import aitraining.teacher as teacher_mod
 from aitraining.cli import main
-from aitraining.data import Example, encode, render_prompt, resolve_chat_template
+from aitraining.data import Example, encode, render_prompt
 from aitraining.params import LLMTrainingParams
-from aitraining.teacher import Teacher, TargetCache, prepare_teacher
+from aitraining.teacher import TargetCache, Teacher, prepare_teacher
 
 pytestmark = pytest.mark.e2e
 
@@ -26,10 +25,14 @@ def params_for(student: str, teacher: str, data: str, project: Path, **kw) -> LL
     return LLMTrainingParams(**{**base, **kw})
 
 
-def test_generation_targets_equal_a_scoring_pass_of_the_real_teacher(smol_teacher_dir, tmp_path):
-    """The distribution recorded during generation is the teacher's distribution on prompt + response."""
+@pytest.mark.parametrize("sample", [False, True])
+def test_generation_targets_equal_a_scoring_pass_of_the_real_teacher(smol_teacher_dir, tmp_path, sample):
+    """The distribution recorded during generation is the teacher's distribution on prompt + response,
+    greedy or sampled (the sampling warpers run after the recorder)."""
     params = params_for(smol_teacher_dir, smol_teacher_dir, "x.jsonl", tmp_path / "p", distill_top_k=16,
-                        distill_max_teacher_length=10, teacher_batch_size=3)
+                        distill_max_teacher_length=10, teacher_batch_size=3, teacher_do_sample=sample,
+                        teacher_sampling_temperature=1.5)
+    torch.manual_seed(0)
     teacher = Teacher(params, torch.device("cpu"))
     examples = [Example(messages=[{"role": "user", "content": p}]) for p in
                 ["What is the capital of Italy?", "Name three fruits.", "Say hi."]]
@@ -44,8 +47,10 @@ def test_generation_targets_equal_a_scoring_pass_of_the_real_teacher(smol_teache
         # Ids agree wherever neighbouring log-probs are not a near tie.
         gaps = (live.logp[:, :-1] - live.logp[:, 1:]).abs() > 1e-3
         assert (recorded.ids[:, :-1] == live.ids[:, :-1])[gaps].all()
-        # Greedy decoding picked the teacher's top-1 token at every step.
-        assert recorded.ids[:, 0].tolist() == response
+        if not sample:  # greedy decoding picked the teacher's top-1 token at every step
+            assert recorded.ids[:, 0].tolist() == response
+    if sample:  # hot sampling leaves the greedy path somewhere
+        assert any(rec.ids[:, 0].tolist() != resp for resp, rec in generated)
 
 
 def test_cached_targets_equal_live_targets_and_alignment_on_the_real_tokenizer(tiny_teacher, tiny_student, tmp_path):
@@ -237,3 +242,12 @@ def test_bundled_teacher_prune_then_distill(bundled_gguf, shared_data, tmp_path)
 
     model = AutoModelForCausalLM.from_pretrained(project)
     assert model.config.num_hidden_layers == 8
+
+
+def test_documented_advice_is_given_as_warnings(tiny_student, tiny_teacher, prompts_file, tmp_path, caplog):
+    caplog.set_level("WARNING", logger="aitraining")
+    assert main(["llm", "--train", "--model", tiny_student, "--teacher-model", tiny_teacher, "--data-path", prompts_file,
+                 "--project-name", str(tmp_path / "w"), "--use-distillation", "--distill-temperature", "6",
+                 "--distill-alpha", "1", "--distill-max-teacher-length", "4"]) == 0
+    text = caplog.text
+    assert "4x" in text and "outside the recommended 2.0-4.0" in text and "labels are ignored" in text

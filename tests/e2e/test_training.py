@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_weights, max_weight_change, write_jsonl
+from helpers import assert_same_weights, max_weight_change, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aitraining.cli import main
