@@ -19,9 +19,14 @@ What is compared, for N positions, hidden size H, vocabulary V, float32, tempera
 Each configuration runs in a fresh subprocess (``--worker``), because torch's CPU allocator is invisible to
 tracemalloc and RSS high-water marks never go down. The worker allocates the inputs, resets the high-water
 mark, and reports ``peak RSS - RSS before the call`` for the first call: the loss's own peak (it includes
-the gradient buffers the backward creates: dW, V x H x 4 bytes, and dhidden). Time is the median over
-``--repeats`` calls of forward + backward. On a shared machine absolute times drift, so the figures that
-matter are the ratios ours / naive measured in the same run.
+the gradient buffers the backward creates: dW, V x H x 4 bytes, and dhidden). Time is the median over all
+timed calls of forward + backward. Every configuration runs in ``--rounds`` fresh workers, the rounds
+interleaved (naive, ours..., then the reverse order), because on a shared machine absolute times drift: the
+figures that matter are the ratios ours / naive measured in the same run.
+
+Peak figures are RSS, so they include what glibc's allocator keeps: tensors below its mmap threshold (which
+rises up to 32 MiB as big blocks are freed) are served from the heap and may stay resident after a free,
+so a chunk size whose per-chunk tensors fall under 32 MiB can show a higher peak than a larger one.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ FULL = {
     "positions": 2048,  # batch 4 x 512 response tokens
     "hidden": 576,  # SmolLM2-135M's hidden size
     "chunk_sizes": [128, 256, 512, 1024],
-    "repeats": 3,
+    "rounds": 3,
+    "repeats": 1,
     "threads": None,  # torch's default (one per core)
 }
 QUICK = {
@@ -57,6 +63,7 @@ QUICK = {
     "positions": 128,
     "hidden": 64,
     "chunk_sizes": [32, 64],
+    "rounds": 1,
     "repeats": 1,
     # One thread: with one per core on a machine that is busy with other work, every tiny op waits for a
     # descheduled pool thread (milliseconds each), and the smoke test would take many times longer.
@@ -228,10 +235,14 @@ def _worker_argv(args: argparse.Namespace, method: str, vocab: int, chunk_size: 
     return argv
 
 
-def _run_config(args: argparse.Namespace, method: str, vocab: int, chunk_size: int | None) -> dict[str, Any]:
+Config = tuple[int, str, "int | None"]  # (vocab, method, chunk size)
+
+
+def _run_config(args: argparse.Namespace, config: Config, round_no: int) -> dict[str, Any]:
     """Run one worker; a failure (e.g. the naive form running out of memory) is recorded, not raised."""
+    vocab, method, chunk_size = config
     label = method if chunk_size is None else f"{method} chunk={chunk_size}"
-    print(f"  V={vocab:>7}  {label:<16} ...", end="", flush=True, file=sys.stderr)
+    print(f"  round {round_no}  V={vocab:>7}  {label:<16} ...", end="", flush=True, file=sys.stderr)
     try:
         result, proc = M.run_json_worker(_worker_argv(args, method, vocab, chunk_size), timeout_s=args.timeout)
     except M.WorkerError as e:
@@ -242,6 +253,33 @@ def _run_config(args: argparse.Namespace, method: str, vocab: int, chunk_size: i
     result["process_wall_s"] = proc.wall_s
     print(f" peak {result['peak_mib']:.0f} MiB, {result['time_s']:.3f} s", file=sys.stderr)
     return result
+
+
+def _aggregate(config: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's figures over its rounds: medians, plus every round's raw figures."""
+    vocab, method, chunk_size = config
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"method": method, "vocab": vocab, "chunk_size": chunk_size, "error": runs[-1]["error"]}
+    out = {key: ok[0][key] for key in ("method", "vocab", "positions", "hidden", "chunk_size", "k", "loss")}
+    out.update(
+        {
+            "peak_mib": M.median([r["peak_mib"] for r in ok]),
+            "peak_exact": all(r["peak_exact"] for r in ok),
+            "time_s": M.median([t for r in ok for t in r["times_s"]]),
+            "cpu_time_s": M.median([r["cpu_time_s"] for r in ok]),
+            "times_s": [t for r in ok for t in r["times_s"]],
+            "baseline_rss_mib": M.median([r["baseline_rss_mib"] for r in ok]),
+            "process_peak_rss_mib": max(r["process_peak_rss_mib"] for r in ok),
+            "grads_finite": all(r["grads_finite"] for r in ok),
+            "torch_threads": ok[0]["torch_threads"],
+            "rounds": [
+                {k: r.get(k) for k in ("peak_mib", "time_s", "cpu_time_s", "process_peak_rss_mib", "error")}
+                for r in runs
+            ],
+        }
+    )
+    return out
 
 
 def _compare(naive: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
@@ -264,10 +302,21 @@ def _fmt(x: float | None, spec: str) -> str:
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     started = M.utc_now_iso()
     machine = M.describe_machine()
+    configs: list[Config] = [
+        (vocab, method, cs)
+        for vocab in args.vocabs
+        for method, cs in [("naive", None), *(("ours", c) for c in args.chunk_sizes)]
+    ]
+    # Rounds, each running every configuration once, in alternating order: load from other work on a
+    # shared machine then drifts over naive and ours alike instead of landing on whichever ran at the time.
+    runs: dict[Config, list[dict[str, Any]]] = {c: [] for c in configs}
+    for round_no in range(args.rounds):
+        for config in configs if round_no % 2 == 0 else reversed(configs):
+            runs[config].append(_run_config(args, config, round_no))
     per_vocab: list[dict[str, Any]] = []
     for vocab in args.vocabs:
-        naive = _run_config(args, "naive", vocab, None)
-        ours = [_run_config(args, "ours", vocab, cs) for cs in args.chunk_sizes]
+        naive = _aggregate((vocab, "naive", None), runs[(vocab, "naive", None)])
+        ours = [_aggregate((vocab, "ours", cs), runs[(vocab, "ours", cs)]) for cs in args.chunk_sizes]
         comparisons = [_compare(naive, o) for o in ours if "error" not in o]
         both = [c for c in comparisons if c["peak_met"] and c["time_met"]]
         per_vocab.append(
@@ -302,6 +351,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             "temperature": args.temperature,
             "alpha": args.alpha,
             "kind": "forward_kl",
+            "rounds": args.rounds,
             "repeats": args.repeats,
             "threads_requested": args.threads,
             "chunk_sizes": args.chunk_sizes,
@@ -343,7 +393,7 @@ def _print_table(payload: dict[str, Any]) -> None:
     m = payload["machine"]
     print(
         f"loss + backward, N={s['positions']} positions, H={s['hidden']}, {s['dtype']}, T={s['temperature']}, "
-        f"alpha={s['alpha']}, k={s['k']}, median of {s['repeats']}; "
+        f"alpha={s['alpha']}, k={s['k']}, median of {s['rounds']} rounds x {s['repeats']} calls; "
         f"{m['cpu_model']}, {m['cpus_usable']} cpus, torch {m['torch']} ({m['torch_threads']} threads), "
         f"load {m['load_avg_1_5_15']}"
     )
@@ -373,7 +423,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--positions", type=int, help="N, positions in the loss (batch x response tokens)")
     p.add_argument("--hidden", type=int, help="H, hidden size")
     p.add_argument("--chunk-sizes", type=int, nargs="+", help="chunk sizes of ours to try")
-    p.add_argument("--repeats", type=int, help="timed calls per configuration (median is reported)")
+    p.add_argument("--rounds", type=int, help="fresh worker processes per configuration, interleaved")
+    p.add_argument("--repeats", type=int, help="timed calls per worker (the median over all is reported)")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: torch's, one per core)")
     p.add_argument("--k", type=int, default=64, help="teacher top-k of ours")
     p.add_argument("--temperature", type=float, default=2.0)
@@ -391,8 +442,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.worker == "ours" and args.chunk_size is None:
         p.error("--worker ours needs --chunk-size")
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
+    if args.repeats < 1 or args.rounds < 1:
+        p.error("--repeats and --rounds must be >= 1")
     return args
 
 

@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"aitraining: error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        # Outside the training loop (which saves a checkpoint itself): the teacher's outputs and cache are
+        # appended as they are made, so the same command continues where this one stopped.
+        print("aitraining: interrupted; rerun the same command to continue from what was saved", file=sys.stderr)
+        return 130
 
 
 def entry() -> None:

@@ -11,3 +11,9 @@ class UserError(Exception):
     """Bad input that the user can fix; the message says what is wrong and how to fix it."""
 
     exit_code = 2
+
+
+class Interrupted(UserError):
+    """The user stopped the run (Ctrl-C) after what it had done was saved; the message says how to resume."""
+
+    exit_code = 130

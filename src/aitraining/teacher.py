@@ -163,8 +163,15 @@ class _Recorder(LogitsProcessor):
         return scores
 
 
-def teacher_dtype(device: torch.device) -> torch.dtype:
+def teacher_dtype(device: torch.device, mixed_precision: str | None = None) -> torch.dtype:
+    """bfloat16 where the hardware has it (a GPU with bf16, or a CPU run that asked for bf16), else float32.
+
+    The teacher only runs forward, so bfloat16 costs it no optimizer precision; its log-probabilities are
+    taken in float32 from the bfloat16 logits.
+    """
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if mixed_precision == "bf16":
         return torch.bfloat16
     return torch.float32
 
@@ -199,7 +206,7 @@ class Teacher:
 
             self._model = models.load_causal_lm(
                 self.params.teacher_model or "",
-                dtype=teacher_dtype(self.device),
+                dtype=teacher_dtype(self.device, self.params.mixed_precision),
                 trust_remote_code=self.params.trust_remote_code,
                 token=self.params.token,
                 flag="--teacher-model",
@@ -345,8 +352,10 @@ def prepare_teacher(
     teacher = Teacher(params, device)
     check_same_vocabulary(student_tokenizer, teacher.tokenizer)
     identity = model_identity(params.teacher_model or "")
+    dtype = str(teacher_dtype(device, params.mixed_precision))
     gen_settings = {
         "teacher": identity,
+        "dtype": dtype,
         "max_new": params.distill_max_teacher_length,
         "sample": params.teacher_do_sample,
         "temperature": params.teacher_sampling_temperature if params.teacher_do_sample else None,
@@ -357,6 +366,7 @@ def prepare_teacher(
         "format": CACHE_FORMAT,
         "teacher": identity,
         "teacher_model": params.teacher_model,
+        "dtype": dtype,
         "k": params.distill_top_k,
         "temperature": params.distill_temperature,
     }
@@ -370,7 +380,9 @@ def prepare_teacher(
     if is_main:
         _cut_torn_line(outputs_path)
         outputs = _read_outputs(outputs_path)
-        missing = [i for i, ex in enumerate(examples) if ex.response is None and gen_keys[i] not in outputs]
+        # One generation per distinct prompt: repeated rows share the answer (and its cache entry).
+        missing = list({gen_keys[i]: i for i, ex in reversed(list(enumerate(examples)))
+                        if ex.response is None and gen_keys[i] not in outputs}.values())
         if missing:
             torch.manual_seed(params.seed)
             order = sorted(missing, key=lambda i: len(prompt_ids[i]))
@@ -400,6 +412,7 @@ def prepare_teacher(
 
     items: list[TeacherItem | None] = []
     to_score: list[int] = []
+    scheduled: set[str] = set()
     for i, ex in enumerate(examples):
         if ex.response is None:
             rec = outputs.get(gen_keys[i])
@@ -414,7 +427,8 @@ def prepare_teacher(
             continue
         key = _target_key(prompt_ids[i], resp)
         items.append(TeacherItem(resp, key))
-        if cache is not None and key not in cache:
+        if cache is not None and key not in cache and key not in scheduled:
+            scheduled.add(key)  # repeated rows are scored once
             to_score.append(i)
 
     if cache is not None and to_score:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from aitraining import data as data_mod
 from aitraining import models
-from aitraining.errors import UserError
+from aitraining.errors import Interrupted, UserError
 from aitraining.losses import TeacherTargets
 from aitraining.objective import Objective, causal_lm
 from aitraining.params import LLMTrainingParams
@@ -205,6 +205,8 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
 
     # Data -> token sequences (the teacher writes missing responses and is cached here, once).
     cache = None
+    timings: dict[str, float] = {}
+    run_started = time.time()
     if params.use_distillation:
         from aitraining.teacher import check_same_vocabulary, prepare_teacher
 
@@ -215,6 +217,7 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
         check_same_vocabulary(tokenizer, teacher_tokenizer)
         start_project()
         all_examples = train_examples + valid_examples
+        teacher_started = time.time()
         teacher_items, cache = prepare_teacher(
             params,
             all_examples,
@@ -225,6 +228,7 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
             wait=accelerator.wait_for_everyone,
             show_progress=show_progress,
         )
+        timings["teacher_s"] = round(time.time() - teacher_started, 2)
         items = []
         for ex, t in zip(all_examples, teacher_items, strict=True):
             if t is None:
@@ -373,7 +377,7 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
         bar.close()
         optimizer.zero_grad(set_to_none=True)
         _save_checkpoint(accelerator, project, params, global_step, None)
-        raise UserError(
+        raise Interrupted(
             f"interrupted at step {global_step}; a checkpoint was saved: rerun the same command with "
             "--resume-from-checkpoint latest to continue"
         ) from None
@@ -386,6 +390,9 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
         final = dict(last)
         if params.use_distillation:
             final["teacher_cache_tokens"] = cache.n_tokens if cache is not None else 0
+        final["train_s"] = round(time.time() - started, 2)
+        final.update(timings)
+        final["total_s"] = round(time.time() - run_started, 2)
         _save_final(accelerator.unwrap_model(objective).model, tokenizer, project, params, final,
                     n_train=len(train_items), n_valid=len(valid_items))
         _write_run_file(project, params, "finished", final_metrics=final)

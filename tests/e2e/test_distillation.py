@@ -251,3 +251,33 @@ def test_documented_advice_is_given_as_warnings(tiny_student, tiny_teacher, prom
                  "--distill-alpha", "1", "--distill-max-teacher-length", "4"]) == 0
     text = caplog.text
     assert "4x" in text and "outside the recommended 2.0-4.0" in text and "labels are ignored" in text
+
+
+def test_repeated_rows_cost_the_teacher_once(tiny_student, tiny_teacher, tmp_path, monkeypatch):
+    rows = [{"text": "Say one."}, {"text": "Say two."}] * 3 + [{"prompt": "Name it.", "response": "It."}] * 3
+    data = write_jsonl(tmp_path / "rep.jsonl", [{"text": r["text"]} for r in rows if "text" in r])
+    pairs = write_jsonl(tmp_path / "rep_pairs.jsonl", [r for r in rows if "prompt" in r])
+    seen = {"generated": 0, "scored": 0}
+    real_generate, real_score = Teacher.generate, Teacher.score
+
+    def generate(self, prompts):
+        seen["generated"] += len(prompts)
+        return real_generate(self, prompts)
+
+    def score(self, pairs_):
+        seen["scored"] += len(pairs_)
+        return real_score(self, pairs_)
+
+    monkeypatch.setattr(Teacher, "generate", generate)
+    monkeypatch.setattr(Teacher, "score", score)
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    from aitraining.data import load_examples
+
+    for path, name in ((data, "g"), (pairs, "s")):
+        params = params_for(tiny_student, tiny_teacher, path, tmp_path / name, distill_max_teacher_length=4)
+        (tmp_path / name).mkdir()
+        examples, _ = load_examples(params)
+        items, cache = prepare_teacher(params, examples, tok, str(tmp_path / name), torch.device("cpu"), show_progress=False)
+        assert all(it is not None and it.target_key in cache for it in items)
+    assert seen == {"generated": 2, "scored": 1}
+    assert len((tmp_path / "g" / "teacher_outputs.jsonl").read_text().splitlines()) == 2

@@ -141,7 +141,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_student, pairs_file, t
 
     monkeypatch.setattr(train_mod._Stats, "add", add_then_interrupt)
     stopped = tmp_path / "stopped"
-    assert cli(*common(tiny_student, pairs_file, stopped, *base)) == 2
+    assert cli(*common(tiny_student, pairs_file, stopped, *base)) == 130
     assert (stopped / "checkpoint-6").is_dir()
     monkeypatch.setattr(train_mod._Stats, "add", real_add)
     assert cli(*common(tiny_student, pairs_file, stopped, *base, "--resume-from-checkpoint", "latest")) == 0
