@@ -35,6 +35,11 @@ def output_head(model: nn.Module) -> Callable[[Tensor], Tensor]:
     return capped
 
 
+def head_parameters(model: nn.Module) -> list[Tensor]:
+    """The output head's parameters (the tied embedding where weights are tied)."""
+    return list(causal_lm(model).get_output_embeddings().parameters())
+
+
 def decoder(model: nn.Module) -> nn.Module:
     return causal_lm(model).get_decoder()
 
@@ -95,5 +100,6 @@ class Objective(nn.Module):
             alpha=self.alpha,
             kind=self.kind,
             beta=self.beta,
+            head_params=head_parameters(self.model),
         )
         return loss * weight, kd, ce, sel.sum()

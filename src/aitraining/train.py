@@ -120,6 +120,27 @@ def batch_targets(items: Sequence[Item], cache: Any) -> TeacherTargets | None:
     return TeacherTargets.cat([cache.get(it.target_key, len(it.input_ids) - it.n_prompt) for it in items])
 
 
+def _student_items(
+    examples: Sequence[data_mod.Example], teacher_items: Sequence[Any], tokenizer: Any, params: LLMTrainingParams,
+    chat_template: str | None,
+) -> list[Item | None]:
+    """The student's sequence of each example: its own prompt rendering + the response ids the teacher scored."""
+    items: list[Item | None] = []
+    for ex, t in zip(examples, teacher_items, strict=True):
+        if t is None or ex.messages is None:
+            items.append(None)
+            continue
+        prompt, special = data_mod.render_prompt(tokenizer, ex.messages, params.student_prompt_template, chat_template)
+        seq = data_mod.build_sequence(
+            data_mod.encode(tokenizer, prompt, add_special_tokens=special),
+            t.response_ids,
+            block_size=params.block_size,
+            example_index=0,
+        )
+        items.append(Item(seq.input_ids, seq.n_prompt, t.target_key) if seq else None)
+    return items
+
+
 def epoch_micro_batches(n_items: int, params: LLMTrainingParams, epoch: int, rank: int, world: int) -> list[list[int]]:
     """This process's micro-batches of one epoch: a seeded shuffle, cut into global batches of
     batch_size x world rows, of which this rank takes its slice (possibly empty at the very end)."""
@@ -229,20 +250,7 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
             show_progress=show_progress,
         )
         timings["teacher_s"] = round(time.time() - teacher_started, 2)
-        items = []
-        for ex, t in zip(all_examples, teacher_items, strict=True):
-            if t is None:
-                items.append(None)
-                continue
-            assert ex.messages is not None
-            prompt, special = data_mod.render_prompt(tokenizer, ex.messages, params.student_prompt_template, chat_template)
-            seq = data_mod.build_sequence(
-                data_mod.encode(tokenizer, prompt, add_special_tokens=special),
-                t.response_ids,
-                block_size=params.block_size,
-                example_index=0,
-            )
-            items.append(Item(seq.input_ids, seq.n_prompt, t.target_key) if seq else None)
+        items = _student_items(all_examples, teacher_items, tokenizer, params, chat_template)
         train_items = [it for it in items[: len(train_examples)] if it is not None]
         valid_items = [it for it in items[len(train_examples) :] if it is not None]
     else:

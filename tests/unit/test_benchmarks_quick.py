@@ -121,11 +121,19 @@ def test_run_json_worker_raises_on_failure() -> None:
 
 
 def test_peak_rss_context_sees_an_allocation() -> None:
-    with M.PeakRSS() as peak:
-        block = b"\x01" * (32 * 1024 * 1024)  # written, so resident (zero pages might not be)
-        del block
-    # A little slack: pages the interpreter freed in between lower the peak over the baseline a bit.
-    assert peak.delta_kib >= (30 * 1024 if peak.exact else 0)
+    # In a fresh interpreter: inside the test runner, freed heap that is still resident can serve the block
+    # without raising RSS at all.
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import _measure as M\n"
+        "with M.PeakRSS() as peak:\n"
+        "    block = b'\\x01' * (32 * 1024 * 1024)\n"
+        "    del block\n"
+        "print(peak.delta_kib if peak.exact else -1)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(BENCH)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    delta = int(done.stdout.strip().splitlines()[-1])
+    assert delta == -1 or delta >= 30 * 1024
 
 
 def test_write_json_rejects_non_finite(tmp_path: Path) -> None:

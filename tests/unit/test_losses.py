@@ -554,3 +554,58 @@ def test_invalid_kind_and_beta() -> None:
                 divergence(logp, logp, kind, beta)
     with pytest.raises(ValueError, match="differ in shape"):
         divergence(logp, logp[:, :2], "tvd")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fused path: gradients taken in forward (head_params given)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 100])
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_fused_equals_checkpointed(kind: str, chunk_size: int, with_teacher: bool) -> None:
+    hidden, head, labels, teacher = chunk_setup(7, with_teacher)
+    kwargs = {"temperature": 2.0, "alpha": 0.6, "kind": kind, "beta": BETA, "chunk_size": chunk_size}
+    h_ref = hidden.clone().requires_grad_(True)
+    ref = chunked_token_loss_sums(h_ref, head, labels, teacher, **kwargs)
+    (ref[0] * 0.5).backward()
+    w_ref = head.proj.weight.grad.clone()
+    head.zero_grad()
+    h = hidden.clone().requires_grad_(True)
+    out = chunked_token_loss_sums(h, head, labels, teacher, head_params=list(head.parameters()), **kwargs)
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a, b.detach())
+    (out[0] * 0.5).backward()  # the incoming gradient scales what forward computed
+    torch.testing.assert_close(h.grad, h_ref.grad)
+    torch.testing.assert_close(head.proj.weight.grad, w_ref)
+
+
+def test_fused_runs_the_head_once_per_chunk() -> None:
+    hidden, head, labels, teacher = chunk_setup(7, True)
+    calls: list[int] = []
+
+    def counting_head(h: Tensor) -> Tensor:
+        calls.append(h.shape[0])
+        return head(h)
+
+    h = hidden.clone().requires_grad_(True)
+    loss_sum, _, _ = chunked_token_loss_sums(h, counting_head, labels, teacher, chunk_size=3, alpha=0.5,
+                                             head_params=list(head.parameters()))
+    loss_sum.backward()
+    assert calls == [3, 3, 1]
+
+
+def test_fused_with_a_frozen_head_and_a_frozen_input() -> None:
+    hidden, head, labels, teacher = chunk_setup(5, True)
+    head.requires_grad_(False)
+    h = hidden.clone().requires_grad_(True)
+    loss_sum, _, _ = chunked_token_loss_sums(h, head, labels, teacher, chunk_size=2, alpha=0.5,
+                                             head_params=list(head.parameters()))
+    loss_sum.backward()
+    assert h.grad is not None and head.proj.weight.grad is None
+    head.requires_grad_(True)
+    loss_sum, _, _ = chunked_token_loss_sums(hidden, head, labels, teacher, chunk_size=2, alpha=0.5,
+                                             head_params=list(head.parameters()))
+    loss_sum.backward()
+    assert head.proj.weight.grad is not None and torch.isfinite(head.proj.weight.grad).all()
