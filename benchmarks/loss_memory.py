@@ -87,13 +87,13 @@ def _warm_up(temperature: float, alpha: float) -> None:
     import torch
     import torch.nn.functional as F
 
-    from aitraining.losses import chunked_token_loss_sums, teacher_targets_from_logits
+    from aitraining.losses import LinearHead, chunked_token_loss_sums, teacher_targets_from_logits
 
     h = torch.randn(8, 16, requires_grad=True)
     w = torch.randn(32, 16, requires_grad=True)
     t = teacher_targets_from_logits(torch.randn(8, 32), k=4, temperature=temperature)
     ours = chunked_token_loss_sums(
-        h, lambda x: x @ w.T, torch.randint(32, (8,)), t, chunk_size=4, temperature=temperature, alpha=alpha
+        h, LinearHead(w), torch.randint(32, (8,)), t, chunk_size=4, temperature=temperature, alpha=alpha
     )[0]
     naive = F.kl_div(F.log_softmax(h @ w.T, -1), F.softmax(torch.randn(8, 32), -1), reduction="batchmean")
     (ours + naive + F.cross_entropy(h @ w.T, torch.randint(32, (8,)))).backward()
@@ -105,7 +105,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from aitraining.losses import TeacherTargets, chunked_token_loss_sums, teacher_targets_from_logits
+    from aitraining.losses import LinearHead, TeacherTargets, chunked_token_loss_sums, teacher_targets_from_logits
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -151,8 +151,11 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         return alpha * kd + (1.0 - alpha) * ce
 
     def our_loss() -> torch.Tensor:
+        # The head as the trainer passes it (objective.output_head): a LinearHead, so the loss takes the
+        # gradients chunk by chunk in forward.
         loss_sum, _, _ = chunked_token_loss_sums(
-            hidden, head, labels, targets, chunk_size=args.chunk_size, temperature=T, alpha=alpha, kind="forward_kl"
+            hidden, LinearHead(weight), labels, targets, chunk_size=args.chunk_size, temperature=T, alpha=alpha,
+            kind="forward_kl",
         )
         # The trainer divides the sum by the token count (Note [Sum reduction]); do the same so the values
         # are on the scale of the naive mean.
@@ -170,8 +173,8 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         return elapsed, cpu, float(loss.detach())
 
-    # Peak from the first call; it is also the first timing sample (every call maps fresh pages for its
-    # big temporaries anyway, since glibc serves allocations this large with mmap/munmap).
+    # Peak from the first call, which is also the first timing sample: later calls are no cheaper, since
+    # glibc serves every temporary above its mmap threshold with fresh pages (mmap/munmap) each time.
     with M.PeakRSS() as peak:
         first = call()
     calls = [first] + [call() for _ in range(args.repeats - 1)]

