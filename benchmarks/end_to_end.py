@@ -95,12 +95,14 @@ def write_rows(work: Path, rows: int) -> str:
 
 def run_ours(teacher: str, student: str, data: str, project: Path, *, epochs: int, max_len: int,
              extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One `aitraining` run in a subprocess; float32 unless `extra` names a precision (like for like with the
+    naive loop, which is float32)."""
     cli = str(Path(sys.executable).parent / "aitraining")
     argv = [cli, "llm", "--train", "--model", student, "--teacher-model", teacher, "--data-path", data,
             "--project-name", str(project), "--use-distillation", "--epochs", str(epochs), "--batch-size", str(BATCH),
             "--lr", str(LR), "--distill-temperature", str(TEMPERATURE), "--distill-alpha", str(ALPHA),
             "--block-size", str(max_len), "--distill-max-teacher-length", str(max_len), "--logging-steps", "1000",
-            *extra]
+            *(() if "--mixed-precision" in extra else ("--mixed-precision", "no")), *extra]
     res = measure_command(argv, env={**os.environ, "TQDM_DISABLE": "1"})
     if res.returncode != 0:
         raise SystemExit(f"ours failed ({res.returncode}):\n{res.stderr[-3000:]}")

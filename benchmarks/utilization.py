@@ -97,7 +97,7 @@ def main() -> None:
         data = write_split(work, rows, valid)
         tokens = token_counts(student, data, max_len)
         n_student, n_teacher = parameters(student), parameters(teacher)
-        for name, extra in (("fp32", ()), ("bf16", ("--mixed-precision", "bf16"))):
+        for name, extra in (("fp32", ("--mixed-precision", "no")), ("bf16", ("--mixed-precision", "bf16"))):
             r = run_ours(teacher, student, data, work / name, epochs=epochs, max_len=max_len,
                          extra=("--valid-split", "valid", *extra))
             final = r["final"]

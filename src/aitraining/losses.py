@@ -366,6 +366,15 @@ class LinearHead:
         return z if not self.softcap else torch.tanh(z / self.softcap) * self.softcap
 
 
+def auto_chunk_size(vocab: int, budget_bytes: int = 64 * 2**20) -> int:
+    """Positions per chunk so that one chunk's float32 logits take about `budget_bytes` (32 to 1024 rows).
+
+    Measured (benchmarks/loss_memory.py): the peak of the loss grows with the chunk's logits, while its
+    speed is flat from a few hundred rows down, so the chunk is sized by memory, not by a fixed row count.
+    """
+    return max(32, min(1024, budget_bytes // (4 * max(vocab, 1))))
+
+
 class _FusedLinearLoss(torch.autograd.Function):
     """Loss sums over chunks, with the gradients w.r.t. hidden, weight and bias computed chunk by chunk in
     forward: three matmuls per chunk (logits, grad of hidden, grad of weight accumulated in place) and no

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from aitraining.losses import LinearHead, TeacherTargets, chunked_token_loss_sums
+from aitraining.losses import LinearHead, TeacherTargets, auto_chunk_size, chunked_token_loss_sums
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -66,7 +66,7 @@ class Objective(nn.Module):
         alpha: float = 0.0,
         kind: str = "forward_kl",
         beta: float = 0.5,
-        chunk_size: int = 1024,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -93,7 +93,7 @@ class Objective(nn.Module):
             output_head(self.model),
             labels,
             teacher if self.alpha > 0 else None,
-            chunk_size=self.chunk_size,
+            chunk_size=self.chunk_size or auto_chunk_size(causal_lm(self.model).get_output_embeddings().weight.shape[0]),
             temperature=self.temperature,
             alpha=self.alpha,
             kind=self.kind,

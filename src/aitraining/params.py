@@ -80,8 +80,12 @@ class LLMTrainingParams(BaseModel):
     weight_decay: float = _f(0.0, "Training", "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "Training", "Gradient clipping norm (0 disables clipping)")
     seed: int = _f(42, "Training", "Random seed (data order, dropout, initialisation)")
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = _f(None, "Training", "Mixed precision: no, fp16, bf16")
-    loss_chunk_size: int = _f(1024, "Training", "Positions per chunk when computing the loss over the vocabulary")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _f(
+        None, "Training", "Mixed precision: no, fp16, bf16 (default: bf16 where the GPU or CPU has it, else no)"
+    )
+    loss_chunk_size: int | None = _f(
+        None, "Training", "Positions per chunk of the loss over the vocabulary (default: about 64 MiB of logits)"
+    )
     logging_steps: int = _f(10, "Training", "Log metrics every N optimizer steps")
     save_total_limit: int = _f(1, "Training", "Keep at most N checkpoints in the project folder")
     resume_from_checkpoint: str | None = _f(
@@ -141,7 +145,8 @@ class LLMTrainingParams(BaseModel):
         _in_range(self, "weight_decay", 0.0, None)
         _in_range(self, "max_grad_norm", 0.0, None)
         _in_range(self, "block_size", 8, None)
-        _in_range(self, "loss_chunk_size", 1, None)
+        if self.loss_chunk_size is not None:
+            _in_range(self, "loss_chunk_size", 1, None)
         _in_range(self, "logging_steps", 1, None)
         _in_range(self, "save_total_limit", 1, None)
         if self.max_samples is not None:

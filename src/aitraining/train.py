@@ -192,17 +192,48 @@ def _find_checkpoint(project: str, choice: str) -> str:
     return os.path.join(project, found[-1])
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matmuls natively (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_mixed_precision(choice: str | None) -> str:
+    """The precision a run uses: the user's choice, else bfloat16 where the hardware has it.
+
+    Measured on this project's CPU machine (benchmarks/utilization.py): bfloat16 autocast trained the
+    student 1.55x faster and ran the teacher 2.5x faster than float32, at the same held-out quality
+    (label loss 9.83 vs 9.80 nats). `--mixed-precision no` keeps float32 everywhere.
+    """
+    if choice is not None:
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_bf16() else "no"
+
+
 def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     """Run the whole job; returns the project folder."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    if params.mixed_precision is None:
+        params = params.model_copy(update={"mixed_precision": resolve_mixed_precision(None)})
     _preflight(params)
     # Tied embeddings are saved once in checkpoints; accelerate reports that at every save. Expected, so quiet.
     logging.getLogger("accelerate.utils.other").addFilter(lambda r: "Removed shared tensor" not in r.getMessage())
     train_examples, valid_examples = data_mod.load_examples(params)
     project = check_project_dir(params)
 
+    # accelerate keeps its state per process; a second run in the same process (the Python API, tests) may
+    # ask for another precision. The process group (PartialState) is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=params.mixed_precision or "no",
         cpu=not torch.cuda.is_available(),
@@ -488,7 +519,7 @@ def _evaluate(model: Any, items: list[Item], cache: Any, params: LLMTrainingPara
             rows = items[s : s + params.batch_size]
             yield collate(rows, pad_id), batch_targets(rows, cache)
 
-    return response_metrics(model, batches(), temperature=params.distill_temperature, chunk_size=params.loss_chunk_size)
+    return response_metrics(model, batches(), temperature=params.distill_temperature, chunk_size=params.loss_chunk_size or 512)
 
 
 def _save_checkpoint(accelerator: Any, project: str, params: LLMTrainingParams, step: int, epoch: int | None) -> None:
