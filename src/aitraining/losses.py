@@ -366,13 +366,14 @@ class LinearHead:
         return z if not self.softcap else torch.tanh(z / self.softcap) * self.softcap
 
 
-def auto_chunk_size(vocab: int, budget_bytes: int = 64 * 2**20) -> int:
-    """Positions per chunk so that one chunk's float32 logits take about `budget_bytes` (32 to 1024 rows).
+def auto_chunk_size(vocab: int, budget_bytes: int = 12 * 2**20) -> int:
+    """Positions per chunk so that one chunk's float32 logits take about `budget_bytes` (64 to 1024 rows).
 
-    Measured (benchmarks/loss_memory.py): the peak of the loss grows with the chunk's logits, while its
-    speed is flat from a few hundred rows down, so the chunk is sized by memory, not by a fixed row count.
+    Measured (benchmarks/loss_memory.py, 2048 positions, H 576): 64 rows gave 0.10 of the naive peak at
+    0.94 of its time at V = 262,144, and 0.17 of the peak at 0.80 of the time at V = 49,152, while 256-1024
+    rows held 0.2-0.6 of the peak for no reliable gain in speed. So the chunk is sized by memory, not rows.
     """
-    return max(32, min(1024, budget_bytes // (4 * max(vocab, 1))))
+    return max(64, min(1024, budget_bytes // (4 * max(vocab, 1))))
 
 
 class _FusedLinearLoss(torch.autograd.Function):

@@ -84,7 +84,7 @@ class LLMTrainingParams(BaseModel):
         None, "Training", "Mixed precision: no, fp16, bf16 (default: bf16 where the GPU or CPU has it, else no)"
     )
     loss_chunk_size: int | None = _f(
-        None, "Training", "Positions per chunk of the loss over the vocabulary (default: about 64 MiB of logits)"
+        None, "Training", "Positions per chunk of the loss over the vocabulary (default: about 12 MiB of float32 logits, 64-1024 rows)"
     )
     logging_steps: int = _f(10, "Training", "Log metrics every N optimizer steps")
     save_total_limit: int = _f(1, "Training", "Keep at most N checkpoints in the project folder")

