@@ -43,7 +43,8 @@ def answer(model_dir: str, prompt: str, max_new_tokens: int = 60) -> str:
     ids = tok(text, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    return " ".join(text.split())  # one line, whatever whitespace an untrained model emits
 
 
 def main() -> int:
@@ -98,7 +99,7 @@ def main() -> int:
 
     prompt = json.loads(open(os.path.join(data, "valid.jsonl"), encoding="utf-8").readline())["text"]
     written = [json.loads(x) for x in open(os.path.join(project, "teacher_outputs.jsonl"), encoding="utf-8")]
-    teacher_answer = next(r["response"] for r in written if r["prompt"] == prompt).strip()
+    teacher_answer = " ".join(next(r["response"] for r in written if r["prompt"] == prompt).split())
     print(f"\n  prompt:  {prompt}")
     print(f"  teacher: {teacher_answer}")
     print(f"  student before: {answer(student, prompt)}")
