@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,15 +79,11 @@ class TargetCache:
         self.entries: dict[str, tuple[int, int]] = {}
         self.n_tokens = 0
         index_path = os.path.join(folder, "index.jsonl")
-        if os.path.exists(index_path):
-            with open(index_path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        break  # a torn last line from an interrupted run
-                    self.entries[rec["key"]] = (rec["start"], rec["length"])
-                    self.n_tokens = max(self.n_tokens, rec["start"] + rec["length"])
+        if not readonly:
+            _cut_torn_line(index_path)  # so that the next entry starts on a line of its own
+        for rec in _jsonl_records(index_path):
+            self.entries[rec["key"]] = (rec["start"], rec["length"])
+            self.n_tokens = max(self.n_tokens, rec["start"] + rec["length"])
         for name, width in (("ids.i32", self.k * 4), ("logp.f32", self.k * 4), ("tail.f32", 4)):
             if readonly:
                 break
@@ -316,17 +312,21 @@ def _cut_torn_line(path: str) -> None:
             f.truncate(end)
 
 
+def _jsonl_records(path: str) -> Iterator[dict[str, Any]]:
+    """The records of an append-only JSON-lines file; a torn line (a run killed mid-write) is skipped, so
+    what it described is made again."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
 def _read_outputs(path: str) -> dict[str, dict[str, Any]]:
-    found: dict[str, dict[str, Any]] = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # torn last line of an interrupted run: that prompt is generated again
-                found[rec["key"]] = rec
-    return found
+    return {rec["key"]: rec for rec in _jsonl_records(path)}
 
 
 def _batches(order: list[int], size: int) -> list[list[int]]:

@@ -149,6 +149,8 @@ def test_interrupted_generation_keeps_what_was_written(tiny_student, tiny_teache
     cache_dir = next((tmp_path / "p" / "teacher_cache").iterdir())
     with open(cache_dir / "tail.f32", "ab") as f:
         f.write(b"\x00\x01")
+    with open(cache_dir / "index.jsonl", "a") as f:
+        f.write('{"key": "torn", "sta')
     monkeypatch.setattr(Teacher, "generate", real_generate)
     counted = {"prompts": 0}
 
@@ -161,6 +163,11 @@ def test_interrupted_generation_keeps_what_was_written(tiny_student, tiny_teache
     assert counted["prompts"] == len(examples) - 3
     assert all(it is not None and it.target_key in cache for it in items)
     assert (cache_dir / "tail.f32").stat().st_size == cache.n_tokens * 4
+    # Everything written after the torn index line is found again by the next run: nothing is redone.
+    counted["prompts"] = 0
+    again_items, again = prepare_teacher(params, examples, tok, str(tmp_path / "p"), torch.device("cpu"),
+                                         show_progress=False)
+    assert counted["prompts"] == 0 and len(again.entries) == len(cache.entries)
 
 
 def test_the_student_moves_toward_the_teacher(tiny_student, tiny_teacher, tmp_path):
