@@ -165,6 +165,11 @@ def test_interrupted_generation_keeps_what_was_written(tiny_student, tiny_teache
     assert (cache_dir / "tail.f32").stat().st_size == cache.n_tokens * 4
     # Everything written after the torn index line is found again by the next run: nothing is redone.
     counted["prompts"] = 0
+
+    def no_scoring(self, pairs):
+        raise AssertionError("the teacher scored again what the cache holds")
+
+    monkeypatch.setattr(Teacher, "score", no_scoring)
     again_items, again = prepare_teacher(params, examples, tok, str(tmp_path / "p"), torch.device("cpu"),
                                          show_progress=False)
     assert counted["prompts"] == 0 and len(again.entries) == len(cache.entries)
