@@ -416,7 +416,9 @@ class _FusedLinearLoss(torch.autograd.Function):
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
         ctx.needs = (need_h, need_w, need_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return sums[0], sums[1], sums[2]
+        kd_sum, ce_sum = sums[1].clone(), sums[2].clone()
+        ctx.mark_non_differentiable(kd_sum, ce_sum)  # logged only; the gradient is loss_sum's
+        return sums[0], kd_sum, ce_sum
 
     @staticmethod
     def backward(ctx: Any, g_loss: Tensor, g_kd: Tensor, g_ce: Tensor) -> tuple[Tensor | None, ...]:

@@ -241,28 +241,45 @@ class Teacher:
 
             # Our own warpers, after the recorder: generate()'s built-in ones would run before it.
             processors += [TemperatureLogitsWarper(p.teacher_sampling_temperature), TopPLogitsWarper(p.teacher_top_p)]
+        stop = self.stop_ids()
         config = GenerationConfig(
             max_new_tokens=p.distill_max_teacher_length,
-            do_sample=p.teacher_do_sample,  # no built-in warpers (temperature/top_k/top_p unset): ours run after the recorder
-            eos_token_id=tok.eos_token_id,
+            do_sample=p.teacher_do_sample,
+            eos_token_id=sorted(stop),
             pad_token_id=pad,
         )
-        out = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            generation_config=config,
-            logits_processor=LogitsProcessorList(processors),
-        )
+        # generate() fills every field left unset from the model's own generation config (a shipped
+        # repetition_penalty, temperature, top_k...), and its processors run before ours: the recorder would
+        # then store a distorted distribution. So the model's config is blanked for the call.
+        model = self.model
+        shipped = model.generation_config
+        model.generation_config = GenerationConfig(eos_token_id=sorted(stop), pad_token_id=pad,
+                                                   bos_token_id=shipped.bos_token_id)
+        try:
+            out = model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                generation_config=config,
+                logits_processor=LogitsProcessorList(processors),
+            )
+        finally:
+            model.generation_config = shipped
         generated = out[:, width:].cpu()
         results = []
         for i in range(len(prompts)):
             row = generated[i].tolist()
-            length = len(row)
-            if tok.eos_token_id in row:
-                length = row.index(tok.eos_token_id) + 1
+            length = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
             steps = [recorder.steps[s].index(torch.tensor([i])) for s in range(length)]
             results.append((row[:length], TeacherTargets.cat(steps)))
         return results
+
+    def stop_ids(self) -> set[int]:
+        """Tokens that end a response: the tokenizer's EOS and the model's own (Gemma ends turns with
+        <end_of_turn>, which is not its tokenizer's EOS)."""
+        stop = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        shipped = self.model.generation_config.eos_token_id
+        stop |= set(shipped if isinstance(shipped, list) else [] if shipped is None else [shipped])
+        return stop
 
     @torch.no_grad()
     def score(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[TeacherTargets]:
@@ -401,7 +418,7 @@ def prepare_teacher(
                             "prompt": examples[i].messages[-1]["content"] if examples[i].messages else "",
                             "response": teacher.tokenizer.decode(resp_ids, skip_special_tokens=True),
                             "response_ids": resp_ids,
-                            "finished": bool(resp_ids) and resp_ids[-1] == teacher.tokenizer.eos_token_id,
+                            "finished": bool(resp_ids) and resp_ids[-1] in teacher.stop_ids(),
                         }
                         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                         f.flush()

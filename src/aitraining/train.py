@@ -84,6 +84,13 @@ def open_project_dir(path: str, params: LLMTrainingParams) -> None:
                 if name.startswith("checkpoint-"):
                     shutil.rmtree(os.path.join(path, name))
     os.makedirs(path, exist_ok=True)
+    if not params.resume_from_checkpoint:
+        metrics = os.path.join(path, METRICS_FILE)
+        if os.path.exists(metrics):  # a fresh start: the earlier curve is kept beside, not appended to
+            os.replace(metrics, os.path.join(path, "metrics.previous.jsonl"))
+        if any(d.startswith("checkpoint-") for d in os.listdir(path)):
+            log.warning("%s holds checkpoints of an earlier start of this run; starting from scratch "
+                        "(--resume-from-checkpoint latest would continue it)", path)
 
 
 def _write_run_file(project: str, params: LLMTrainingParams, status: str, **extra: Any) -> None:
@@ -181,11 +188,18 @@ def _preflight(params: LLMTrainingParams) -> None:
             raise UserError(f"--log {params.log} needs the '{module}' package: pip install {module}, or use --log none")
 
 
+def _checkpoint_time(folder: str) -> float:
+    """When a checkpoint was completed: its trainer_state.json is written last."""
+    state = os.path.join(folder, STATE_FILE)
+    return os.path.getmtime(state if os.path.exists(state) else folder)
+
+
 def _find_checkpoint(project: str, choice: str) -> str:
     if choice != "latest":
         return choice
     found = sorted(
-        (d for d in os.listdir(project) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[-1])
+        (d for d in os.listdir(project) if d.startswith("checkpoint-")),
+        key=lambda d: _checkpoint_time(os.path.join(project, d)),
     )
     if not found:
         raise UserError(f"--resume-from-checkpoint latest: no checkpoint in '{project}'; start without it")
@@ -528,10 +542,13 @@ def _save_checkpoint(accelerator: Any, project: str, params: LLMTrainingParams, 
     if accelerator.is_main_process:
         with open(os.path.join(path, STATE_FILE), "w", encoding="utf-8") as f:
             json.dump({"global_step": step, "epoch": epoch, "identity": _identity_hash(params)}, f, indent=2)
+        # Newest first by time, not by step: a restarted run's step 50 is newer than an old run's step 120.
         found = sorted(
-            (d for d in os.listdir(project) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[-1])
+            (d for d in os.listdir(project) if d.startswith("checkpoint-") and d != os.path.basename(path)),
+            key=lambda d: _checkpoint_time(os.path.join(project, d)),
+            reverse=True,
         )
-        for old in found[: max(len(found) - params.save_total_limit, 0)]:
+        for old in found[max(params.save_total_limit - 1, 0) :]:
             shutil.rmtree(os.path.join(project, old), ignore_errors=True)
     accelerator.wait_for_everyone()
 

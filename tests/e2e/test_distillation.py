@@ -34,6 +34,10 @@ def test_generation_targets_equal_a_scoring_pass_of_the_real_teacher(smol_teache
                         teacher_sampling_temperature=1.5)
     torch.manual_seed(0)
     teacher = Teacher(params, torch.device("cpu"))
+    # Settings a teacher may ship in its generation_config: they must not reach what is recorded.
+    teacher.model.generation_config.repetition_penalty = 1.5
+    teacher.model.generation_config.top_k = 3
+    teacher.model.generation_config.temperature = 0.3
     examples = [Example(messages=[{"role": "user", "content": p}]) for p in
                 ["What is the capital of Italy?", "Name three fruits.", "Say hi."]]
     prompts = [teacher.prompt_ids(ex) for ex in examples]

@@ -258,3 +258,40 @@ def test_shared_real_data_sft(tiny_student, shared_data, tmp_path):
                str(project), "--max-samples", "24", "--batch-size", "8", "--block-size", "256", "--lr", "1e-3") == 0
     assert torch.isfinite(torch.tensor(json.loads((project / "run.json").read_text())["final_metrics"]["loss"]))
     shutil.rmtree(project)
+
+
+def test_a_restart_without_resume_never_loses_its_new_checkpoint(tiny_student, pairs_file, tmp_path, monkeypatch):
+    """An interrupted run at a later step, then the same command again without --resume: the new run's
+    checkpoints are kept (newest by time, not by step) and `latest` means the new run."""
+    import aitraining.train as train_mod
+
+    base = ("--epochs", "2", "--batch-size", "2", "--lr", "1e-3", "--logging-steps", "1")
+    project = tmp_path / "restart"
+    real_add = train_mod._Stats.add
+    calls = {"n": 0}
+
+    def add_then_interrupt(self, *a):
+        real_add(self, *a)
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod._Stats, "add", add_then_interrupt)
+    assert cli(*common(tiny_student, pairs_file, project, *base)) == 130
+    assert (project / "checkpoint-5").is_dir()
+    monkeypatch.setattr(train_mod._Stats, "add", real_add)
+    calls["n"] = 0
+    real_save = train_mod._save_checkpoint
+    kept_after_each_save = []
+
+    def save_and_look(accelerator, project_, params, step, epoch):
+        real_save(accelerator, project_, params, step, epoch)
+        kept_after_each_save.append(sorted(p.name for p in project.glob("checkpoint-*")))
+
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save_and_look)
+    assert cli(*common(tiny_student, pairs_file, project, *base)) == 0  # the same command, from scratch
+    # The stale step-5 checkpoint goes, never the one just written.
+    assert kept_after_each_save == [["checkpoint-4"], ["checkpoint-8"]]
+    assert (project / "metrics.previous.jsonl").exists()
+    steps = [json.loads(x)["step"] for x in (project / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == sorted(steps)  # one run's curve, not two interleaved
