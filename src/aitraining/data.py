@@ -21,7 +21,7 @@ import csv
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aitraining.errors import UserError
@@ -67,7 +67,6 @@ class Tokenized:
     input_ids: list[int]
     n_prompt: int
     example_index: int
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_response(self) -> int:

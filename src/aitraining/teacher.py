@@ -175,12 +175,13 @@ def teacher_dtype(device: torch.device, mixed_precision: str | None = None) -> t
 class Teacher:
     """Loads the teacher lazily (only if something is missing from the cache) and frees it when done."""
 
-    def __init__(self, params: LLMTrainingParams, device: torch.device) -> None:
+    def __init__(self, params: LLMTrainingParams, device: torch.device, tokenizer: Any = None) -> None:
         from aitraining import models
 
         self.params = params
         self.device = device
-        self.tokenizer = models.load_tokenizer(
+        # A caller that already loaded the teacher's tokenizer (to check vocabularies) hands it over.
+        self.tokenizer = tokenizer or models.load_tokenizer(
             params.teacher_model or "",
             trust_remote_code=params.trust_remote_code,
             token=params.token,
@@ -360,13 +361,14 @@ def prepare_teacher(
     is_main: bool = True,
     wait: Callable[[], None] = lambda: None,
     show_progress: bool = True,
+    teacher_tokenizer: Any = None,
 ) -> tuple[list[TeacherItem | None], TargetCache]:
     """Make sure every example has a response and cached teacher targets; returns one item per example.
 
     Only the main process runs the teacher; the others wait, then read what it wrote. Items are None for
     examples that yield no response token.
     """
-    teacher = Teacher(params, device)
+    teacher = Teacher(params, device, teacher_tokenizer)
     check_same_vocabulary(student_tokenizer, teacher.tokenizer)
     identity = model_identity(params.teacher_model or "")
     dtype = str(teacher_dtype(device, params.mixed_precision))
@@ -469,13 +471,3 @@ def prepare_teacher(
 
 def _target_key(prompt_ids: list[int], response_ids: list[int]) -> str:
     return _hash({"prompt": prompt_ids, "response": response_ids})
-
-
-def live_targets(teacher: Teacher, prompt: list[int], response: list[int]) -> TeacherTargets:
-    """The teacher's targets computed now, without the cache (for checks and evaluation)."""
-    return teacher.score([(prompt, response)])[0]
-
-
-def targets_for_batch(cache: TargetCache, keys: Sequence[str], lengths: Sequence[int]) -> TeacherTargets:
-    """Concatenated targets of a batch in row-major order, the first `lengths[i]` tokens of each row."""
-    return TeacherTargets.cat([cache.get(k, n) for k, n in zip(keys, lengths, strict=True)])

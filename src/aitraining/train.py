@@ -133,7 +133,7 @@ def _student_items(
 ) -> list[Item | None]:
     """The student's sequence of each example: its own prompt rendering + the response ids the teacher scored."""
     items: list[Item | None] = []
-    for ex, t in zip(examples, teacher_items, strict=True):
+    for i, (ex, t) in enumerate(zip(examples, teacher_items, strict=True)):
         if t is None or ex.messages is None:
             items.append(None)
             continue
@@ -142,7 +142,7 @@ def _student_items(
             data_mod.encode(tokenizer, prompt, add_special_tokens=special),
             t.response_ids,
             block_size=params.block_size,
-            example_index=0,
+            example_index=i,
         )
         items.append(Item(seq.input_ids, seq.n_prompt, t.target_key) if seq else None)
     return items
@@ -293,6 +293,7 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
             is_main=is_main,
             wait=accelerator.wait_for_everyone,
             show_progress=show_progress,
+            teacher_tokenizer=teacher_tokenizer,
         )
         timings["teacher_s"] = round(time.time() - teacher_started, 2)
         items = _student_items(all_examples, teacher_items, tokenizer, params, chat_template)

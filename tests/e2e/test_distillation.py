@@ -114,11 +114,20 @@ def test_teacher_runs_once_whatever_the_epochs_and_is_reused(tiny_student, tiny_
         return real_load(name, **kw)
 
     monkeypatch.setattr(models_mod, "load_causal_lm", load)
+    real_tok = models_mod.load_tokenizer
+    calls["tokenizer"] = 0
+
+    def load_tok(name, **kw):
+        if kw.get("flag") == "--teacher-model":
+            calls["tokenizer"] += 1
+        return real_tok(name, **kw)
+
+    monkeypatch.setattr(models_mod, "load_tokenizer", load_tok)
     args = ["llm", "--train", "--model", tiny_student, "--teacher-model", tiny_teacher, "--data-path", prompts_file,
             "--use-distillation", "--distill-max-teacher-length", "6", "--teacher-batch-size", "4", "--batch-size", "4"]
     assert main([*args, "--project-name", str(tmp_path / "one"), "--epochs", "1"]) == 0
     once = dict(calls)
-    assert once == {"generate": 2, "score": 0, "load": 1}
+    assert once == {"generate": 2, "score": 0, "load": 1, "tokenizer": 1}  # the tokenizer too, once per run
     assert main([*args, "--project-name", str(tmp_path / "three"), "--epochs", "3"]) == 0
     assert calls["generate"] == 4 and calls["load"] == 2  # three epochs cost the teacher what one did
     # A rerun in the same folder (or a resume) finds every response and target cached: no teacher at all.
