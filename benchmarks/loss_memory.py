@@ -12,7 +12,7 @@ What is compared, for N positions, hidden size H, vocabulary V, float32, tempera
   ``alpha * kl_div(log_softmax(s / T), softmax(t / T), "batchmean") * T^2 + (1 - alpha) * CE(s, labels)``,
   then backward.
 - ``ours``: ``aitraining.losses.chunked_token_loss_sums`` with the head ``h @ W^T``, a top-k sparse teacher
-  (``TeacherTargets``, k = 64) and a given ``chunk_size``, divided by N (what the trainer does), then backward.
+  (``TeacherTargets``, the default head of 32 and 112 tail samples) and a given ``chunk_size``, divided by N (what the trainer does), then backward.
   The teacher targets are built before measurement, chunk by chunk, as in a real run where they come from
   the on-disk cache and full teacher logits never exist.
 
@@ -91,7 +91,7 @@ def _warm_up(temperature: float, alpha: float) -> None:
 
     h = torch.randn(8, 16, requires_grad=True)
     w = torch.randn(32, 16, requires_grad=True)
-    t = teacher_targets_from_logits(torch.randn(8, 32), k=4, temperature=temperature)
+    t = teacher_targets_from_logits(torch.randn(8, 32), k=4, tau=temperature)
     ours = chunked_token_loss_sums(
         h, LinearHead(w), torch.randint(32, (8,)), t, chunk_size=4, temperature=temperature, alpha=alpha
     )[0]
@@ -133,7 +133,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         parts = []
         for s in range(0, n, gen_chunk):
             rows = torch.empty(min(gen_chunk, n - s), v).normal_(0.0, teacher_std, generator=gen)
-            parts.append(teacher_targets_from_logits(rows, k=args.k, temperature=T))
+            parts.append(teacher_targets_from_logits(rows, k=args.k, samples=args.samples, tau=T))
             del rows
         targets = TeacherTargets.cat(parts)
         del parts
@@ -189,6 +189,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         "hidden": h,
         "chunk_size": args.chunk_size if args.worker == "ours" else None,
         "k": args.k if args.worker == "ours" else None,
+        "samples": args.samples if args.worker == "ours" else None,
         "peak_mib": peak.delta_kib / 1024,
         "peak_exact": peak.exact,
         "hwm_reset": peak.reset_ok,
@@ -222,6 +223,8 @@ def _worker_argv(args: argparse.Namespace, method: str, vocab: int, chunk_size: 
         str(args.hidden),
         "--k",
         str(args.k),
+        "--samples",
+        str(args.samples),
         "--temperature",
         str(args.temperature),
         "--alpha",
@@ -429,7 +432,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="fresh worker processes per configuration, interleaved")
     p.add_argument("--repeats", type=int, help="timed calls per worker (the median over all is reported)")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: torch's, one per core)")
-    p.add_argument("--k", type=int, default=64, help="teacher top-k of ours")
+    p.add_argument("--k", type=int, default=32, help="teacher head of ours (the default cache's)")
+    p.add_argument("--samples", type=int, default=112, help="teacher tail samples of ours (the default cache's)")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--alpha", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)

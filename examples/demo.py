@@ -1,12 +1,15 @@
-"""`make demo`: distill the bundled SmolLM2-135M-Instruct teacher into an 8-layer student of itself.
+"""`make demo`: what distillation buys, on the bundled SmolLM2-135M-Instruct teacher and an 8-layer student of it.
 
 1. cut a student from the teacher: 8 of its 30 layers, evenly spaced (`aitraining prune`);
-2. the teacher answers the example prompts once (cached), and the student learns its distribution on
-   every answer token (`aitraining llm --train --use-distillation`);
-3. report what the student learned on held-out prompts it never trained on: its KL divergence to the
-   teacher and how often its top token is the teacher's, before and after, and one answer side by side.
+2. distill: the teacher answers the example prompts once (cached) and the student learns its distribution on
+   every answer token (`aitraining llm --train --use-distillation`, the documented defaults);
+3. the baseline: the same student fine-tuned on the same teacher answers without distillation (same prompts,
+   epochs, learning rate and seed; the answers are reused, never regenerated);
+4. judge both on held-out prompts neither saw, against the teacher itself: KL(teacher || student) per token of
+   the teacher's answers, how often the student's most likely token is the teacher's, ROUGE-L of the student's
+   own answers against the teacher's; and one answer of each beside the teacher's.
 
-Everything lands in ./demo-output (a rerun reuses the teacher's answers and cache).
+Everything lands in ./demo-output (a rerun reuses the teacher's answers, its cache and finished runs).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.abspath(os.environ.get("AITRAINING_DEMO_DIR", "demo-output"))
 HELD_OUT = 12
+BUDGET = {"epochs": 5, "batch_size": 8, "lr": 3e-4, "warmup_ratio": 0.05, "logging_steps": 5, "seed": 42}
 
 
 def split_prompts() -> str:
@@ -33,23 +37,26 @@ def split_prompts() -> str:
     return data
 
 
-def answer(model_dir: str, prompt: str, max_new_tokens: int = 60) -> str:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-    return " ".join(text.split())  # one line, whatever whitespace an untrained model emits
+def teacher_pairs(project: str, data: str, split: str) -> str:
+    """The teacher's answers to a split's prompts, as (prompt, response) rows: what the baseline trains on and
+    what the judge compares with."""
+    written = {}
+    for line in open(os.path.join(project, "teacher_outputs.jsonl"), encoding="utf-8"):
+        rec = json.loads(line)
+        written[rec["prompt"]] = rec["response"]
+    rows = [json.loads(x) for x in open(os.path.join(data, f"{split}.jsonl"), encoding="utf-8") if x.strip()]
+    path = os.path.join(OUT, "pairs", f"{split}.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({"prompt": r["text"], "response": written[r["text"]]}, ensure_ascii=False) + "\n")
+    return path
 
 
 def main() -> int:
     from aitraining.errors import UserError
-    from aitraining.models import bundled_teacher_path, prune_to_folder
+    from aitraining.evaluate import TeacherReference
+    from aitraining.models import bundled_teacher_path, load_causal_lm, prune_to_folder
     from autotrain.project import AutoTrainProject
     from autotrain.trainers.clm.params import LLMTrainingParams
 
@@ -60,51 +67,48 @@ def main() -> int:
         return 2
     student = os.path.join(OUT, "student-8-layers")
     if not os.path.exists(os.path.join(student, "config.json")):
-        print(f"[1/3] cutting an 8-layer student from {os.path.basename(teacher)}")
+        print(f"[1/4] cutting an 8-layer student from {os.path.basename(teacher)}")
         prune_to_folder(teacher, 8, student)
     else:
-        print(f"[1/3] student already cut: {student}")
+        print(f"[1/4] student already cut: {student}")
     data = split_prompts()
-
-    print("[2/3] distilling (the teacher answers each prompt once; its distribution is cached)")
-    params = LLMTrainingParams(
-        model=student,
-        teacher_model=teacher,
-        data_path=data,
-        valid_split="valid",
-        project_name=os.path.join(OUT, "distilled"),
-        use_distillation=True,
-        distill_temperature=3.0,
-        distill_alpha=0.7,
-        distill_max_teacher_length=96,
-        teacher_batch_size=16,
-        epochs=5,
-        batch_size=8,
-        lr=3e-4,
-        warmup_ratio=0.05,
-        logging_steps=5,
-    )
     try:
-        project = AutoTrainProject(params=params, backend="local", process=True).create()
+        print("[2/4] distilling (the teacher answers each prompt once; its distribution is cached)")
+        distilled = AutoTrainProject(params=LLMTrainingParams(
+            model=student, teacher_model=teacher, data_path=data, valid_split="valid",
+            project_name=os.path.join(OUT, "distilled"), use_distillation=True, distill_max_teacher_length=64,
+            teacher_batch_size=16, **BUDGET,
+        ), backend="local", process=True).create()
+        print("[3/4] the baseline: the same student fine-tuned on the teacher's answers, without distillation")
+        baseline = AutoTrainProject(params=LLMTrainingParams(
+            model=student, data_path=teacher_pairs(distilled, data, "train"),
+            project_name=os.path.join(OUT, "baseline"), **BUDGET,
+        ), backend="local", process=True).create()
+        print(f"[4/4] judging on {HELD_OUT} held-out prompts, against the teacher")
+        heldout = teacher_pairs(distilled, data, "valid")
+        reference = TeacherReference(LLMTrainingParams(
+            model=student, teacher_model=teacher, data_path=heldout, project_name=os.path.join(OUT, "judge"),
+            use_distillation=True, distill_max_teacher_length=64,
+        ), os.path.join(OUT, "judge"))
     except UserError as e:
         print(f"aitraining: error: {e}", file=sys.stderr)
         return 2
-
-    print("[3/3] what the student learned, on 12 held-out prompts it never trained on")
-    evals = [json.loads(x) for x in open(os.path.join(project, "metrics.jsonl"), encoding="utf-8") if "eval_kl_to_teacher" in x]
-    before, after = evals[0], evals[-1]
-    print(f"  KL(teacher || student) at T=3   before {before['eval_kl_to_teacher']:.3f}   after {after['eval_kl_to_teacher']:.3f}")
-    print(f"  top-1 agreement with the teacher  before {before['eval_top1_agreement']:.1%}   after {after['eval_top1_agreement']:.1%}")
-    print(f"  label loss on teacher answers      before {before['eval_ce']:.3f}   after {after['eval_ce']:.3f}")
-
-    prompt = json.loads(open(os.path.join(data, "valid.jsonl"), encoding="utf-8").readline())["text"]
-    written = [json.loads(x) for x in open(os.path.join(project, "teacher_outputs.jsonl"), encoding="utf-8")]
-    teacher_answer = " ".join(next(r["response"] for r in written if r["prompt"] == prompt).split())
-    print(f"\n  prompt:  {prompt}")
-    print(f"  teacher: {teacher_answer}")
-    print(f"  student before: {answer(student, prompt)}")
-    print(f"  student after:  {answer(project, prompt)}")
-    print(f"\nthe distilled student is in {project} (load it with AutoModelForCausalLM.from_pretrained);"
+    results = {name: reference.compare(load_causal_lm(folder))
+               for name, folder in (("untrained", student), ("baseline", baseline), ("distilled", distilled))}
+    print(f"\n  {'student':<44} {'KL to teacher':>13} {'top-1 agreement':>16} {'ROUGE-L':>8}")
+    labels = {"untrained": "8 layers cut from the teacher, untrained",
+              "baseline": "fine-tuned on the teacher's answers",
+              "distilled": "distilled (--use-distillation)"}
+    for name, r in results.items():
+        print(f"  {labels[name]:<44} {r['kl_to_teacher']:>13.3f} {r['top1_agreement']:>16.1%} {r['rouge_l']:>8.3f}")
+    gain = 1 - results["distilled"]["kl_to_teacher"] / results["baseline"]["kl_to_teacher"]
+    print(f"  distillation: {gain:.0%} lower KL to the teacher than the baseline, same data and budget")
+    prompt = json.loads(open(heldout, encoding="utf-8").readline())
+    print(f"\n  prompt:    {prompt['prompt']}")
+    print(f"  teacher:   {' '.join(prompt['response'].split())}")
+    for name in ("baseline", "distilled"):
+        print(f"  {name + ':':<10} {' '.join(results[name]['answers'][0].split())}")
+    print(f"\nthe distilled student is in {distilled} (load it with AutoModelForCausalLM.from_pretrained);"
           f" {time.time() - started:.0f} s in all")
     return 0
 

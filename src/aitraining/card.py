@@ -14,8 +14,16 @@ _KEY_PARAMS = (
 )
 _DISTILL_PARAMS = (
     "distill_temperature", "distill_alpha", "distill_loss", "distill_beta", "distill_top_k",
-    "distill_max_teacher_length", "teacher_prompt_template", "teacher_do_sample",
+    "distill_tail_samples", "teacher_source", "distill_max_teacher_length", "teacher_prompt_template", "teacher_do_sample",
 )
+
+
+def _signal(params: LLMTrainingParams) -> str:
+    if params.teacher_source == "live":
+        return "against the teacher's exact full-vocabulary distribution, computed live at every step."
+    tail = (f" plus {params.distill_tail_samples} tokens sampled from the rest of its tempered distribution"
+            if params.distill_tail_samples else " plus the mass of the rest")
+    return f"against the teacher's top-{params.distill_top_k} tokens{tail}, cached once."
 
 
 def write_model_card(project: str, params: LLMTrainingParams, final: dict[str, Any], *, n_train: int, n_valid: int) -> str:
@@ -35,7 +43,7 @@ def write_model_card(project: str, params: LLMTrainingParams, final: dict[str, A
             f"A student distilled from **{params.teacher_model}** into **{params.model}** with aitraining: "
             f"loss = {params.distill_alpha:g} x T^2 x {params.distill_loss}(teacher_T || student_T) + "
             f"{1 - params.distill_alpha:g} x cross-entropy, T = {params.distill_temperature:g}, on response tokens only, "
-            f"against the teacher's top-{params.distill_top_k} distribution (plus the tail mass) cached once.",
+            + _signal(params),
         ]
     else:
         lines += [f"**{params.model}** fine-tuned with aitraining (supervised, on response tokens)."]

@@ -1,40 +1,64 @@
-"""What the student learned, measured on response tokens: label loss, and against the teacher's cached
-distribution, the KL divergence and how often the student's top token is the teacher's top token."""
+"""How close a student is to its teacher, measured on response tokens and on answers.
+
+One implementation of each metric, used by training (held-out rows, every epoch), by the quality benchmark
+and by the demo:
+
+- `response_metrics`: on the teacher's responses, the student's label loss (and perplexity), the KL divergence
+  KL(teacher || student) at T = 1 per token, and how often the student's most likely token is the teacher's.
+  With a live teacher the KL is exact (full vocabulary). With the cache it is taken over the teacher's head
+  ids plus one bucket for the rest (whose mass at T = 1 is stored exactly): a lower bound of the full KL that
+  only misses how differently the two spread the few percent of mass outside the head.
+- `rouge_l`: ROUGE-L F-measure of the student's answers against the teacher's (the `rouge-score` package).
+- `TeacherReference`: the exact (live, float32) teacher on its answers to held-out prompts, computed once, and
+  any student compared to it: exact KL, top-1 agreement, label loss, ROUGE-L of the student's greedy answers.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from aitraining.losses import TeacherTargets, bucket_log_probs, divergence, teacher_bucket_log_probs
+from aitraining.losses import DenseTargets, Targets, bucket_log_probs, divergence, teacher_divergence, teacher_top1
 from aitraining.objective import decoder, output_head, target_positions
+from aitraining.params import LLMTrainingParams
+
+
+def kl_at_t1(student_logits: Tensor, teacher: Targets) -> Tensor:
+    """KL(teacher || student) at T = 1 per position, (N,): exact for a live teacher, over the head's buckets
+    plus the rest for cached targets (never the sampled estimate: a measurement must not be random)."""
+    if isinstance(teacher, DenseTargets):
+        return teacher_divergence(student_logits, teacher, 1.0, "forward_kl")
+    student = bucket_log_probs(student_logits, teacher.ids[:, : teacher.k], 1.0)
+    return divergence(student, teacher.bucket_log_probs(1.0), "forward_kl")
 
 
 @torch.no_grad()
 def response_metrics(
     model: nn.Module,
-    batches: Iterable[tuple[dict[str, Tensor], TeacherTargets | None]],
+    batches: Iterable[tuple[dict[str, Tensor], Targets | None]],
     *,
-    temperature: float = 1.0,
     chunk_size: int = 1024,
 ) -> dict[str, Any]:
-    """Mean CE on response tokens; with teacher targets also KL(teacher || student) at `temperature`
-    over the teacher's top-k + tail buckets, and top-1 agreement with the teacher.
+    """Mean label loss (ce, perplexity) on response tokens; with a teacher also `kl_to_teacher` (mean KL at
+    T = 1, see `kl_at_t1`) and `top1_agreement`.
 
-    `batches` yields (tensors with input_ids, attention_mask, n_prompt; teacher targets or None).
+    `batches` yields (tensors with input_ids, attention_mask, n_prompt; the teacher at the trained positions
+    or None).
     """
     was_training = model.training
     model.eval()
     head = output_head(model)
     body = decoder(model)
+    device = next(model.parameters()).device
     ce_sum = kl_sum = agree = 0.0
     n = n_teacher = 0
     for tensors, teacher in batches:
-        device = next(model.parameters()).device
         ids = tensors["input_ids"].to(device)
         mask = tensors["attention_mask"].to(device)
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -46,8 +70,8 @@ def response_metrics(
             ce_sum += torch.nn.functional.cross_entropy(logits, labels[s : s + chunk_size], reduction="sum").item()
             if teacher is not None:
                 t = teacher.index(slice(s, s + chunk_size)).to(device)
-                kl_sum += divergence(bucket_log_probs(logits, t.ids, temperature), teacher_bucket_log_probs(t)).sum().item()
-                agree += (logits.argmax(-1) == t.ids[:, 0]).sum().item()
+                kl_sum += kl_at_t1(logits, t).sum().item()
+                agree += (logits.argmax(-1) == teacher_top1(t)).sum().item()
                 n_teacher += logits.shape[0]
         n += h.shape[0]
     if was_training:
@@ -57,3 +81,72 @@ def response_metrics(
         out["kl_to_teacher"] = kl_sum / n_teacher
         out["top1_agreement"] = agree / n_teacher
     return out
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F-measure of each prediction against its reference (stemmed, as the package's authors
+    recommend for English)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
+    return sum(scores) / max(len(scores), 1)
+
+
+class TeacherReference:
+    """The teacher's exact distribution on its own answers to held-out prompts, computed once (its final hidden
+    states at every answer token: small), then any student compared to it with `compare`.
+
+    `params` names the teacher, the student (whose tokenizer and templates render the prompts) and the held-out
+    rows as (prompt, teacher answer) pairs; the teacher runs in float32 for this, whatever the training used.
+    """
+
+    def __init__(self, params: LLMTrainingParams, work_dir: str, *, batch_size: int = 8, show_progress: bool = False) -> None:
+        from aitraining import models
+        from aitraining.data import load_examples, resolve_chat_template
+        from aitraining.teacher import prepare_teacher
+        from aitraining.train import collate, student_items
+
+        params = params.model_copy(update={"teacher_source": "live", "mixed_precision": "no", "use_distillation": True})
+        self.tokenizer = models.load_tokenizer(params.model or "", trust_remote_code=params.trust_remote_code,
+                                               token=params.token)
+        examples, _ = load_examples(params)
+        os.makedirs(work_dir, exist_ok=True)
+        teacher_items, source = prepare_teacher(params, examples, self.tokenizer, work_dir, torch.device("cpu"),
+                                                show_progress=show_progress)
+        chat = resolve_chat_template(self.tokenizer, params.chat_template)
+        pairs = [(ex, it) for ex, it in zip(examples, student_items(examples, teacher_items, self.tokenizer, params, chat),
+                                             strict=True) if it is not None]
+        self.items = [it for _, it in pairs]
+        self.answers = [ex.response or "" for ex, _ in pairs]
+        self.max_new_tokens = max((len(it.input_ids) - it.n_prompt for it in self.items), default=1)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.batches = []
+        for s in tqdm(range(0, len(self.items), batch_size), desc="teacher: reference distribution", unit="batch",
+                      disable=not show_progress):
+            rows = self.items[s : s + batch_size]
+            self.batches.append((collate(rows, pad), source.targets(rows)))
+        source.teacher.free()
+
+    def compare(self, model: nn.Module, *, batch_size: int = 16, show_progress: bool = False) -> dict[str, Any]:
+        """KL(teacher || student) at T = 1 (exact), top-1 agreement and label loss on the teacher's answers, and
+        the ROUGE-L of the student's greedy answers (as long as the teacher's longest) against the teacher's."""
+        from aitraining import models
+
+        metrics = response_metrics(model, self.batches)
+        prompts = [it.input_ids[: it.n_prompt] for it in self.items]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        written = [""] * len(prompts)
+        stop = models.stop_ids(self.tokenizer, model)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        with torch.no_grad():
+            for s in tqdm(range(0, len(order), batch_size), desc="student: answering", unit="batch",
+                          disable=not show_progress):
+                chunk = order[s : s + batch_size]
+                outs = models.generate_answers(model, [prompts[i] for i in chunk], max_new_tokens=self.max_new_tokens,
+                                               stop=stop, pad=pad)
+                for i, out in zip(chunk, outs, strict=True):
+                    written[i] = self.tokenizer.decode(out, skip_special_tokens=True)
+        return {"kl_to_teacher": metrics["kl_to_teacher"], "top1_agreement": metrics["top1_agreement"],
+                "ce": metrics["ce"], "perplexity": metrics["perplexity"], "rouge_l": rouge_l(written, self.answers),
+                "n_tokens": metrics["n_tokens"], "answers": written}

@@ -11,25 +11,51 @@ where ``p^T = softmax(z / T)``. The ``T^2`` factor keeps the gradient of the sof
 the hard term when the temperature changes (the gradient of a divergence of tempered softmaxes w.r.t. the
 logits shrinks like ``1 / T^2``).
 
-Note [Tail bucket]
-~~~~~~~~~~~~~~~~~~
-Storing or shipping the teacher's full-vocabulary distribution for every token is too expensive (V is
-~150k), so the teacher is usually kept SPARSE: its top-k token ids, their log-probabilities at temperature
-T, and the log of the remaining mass ``1 - sum(top-k probs)``, the "tail". These are k + 1 buckets that
-sum to 1, i.e. a proper distribution over a coarser event space: "token id_1", ..., "token id_k", "any
-other token". The student is projected onto the same buckets (its probabilities on id_1..id_k plus its
-total mass on every other id), and the divergence is taken between the two (k + 1)-bucket distributions.
+The teacher reaches the loss in one of two forms: `TeacherTargets` (sparse, what the cache stores) or
+`DenseTargets` (the live teacher's hidden states and output head: the exact full-vocabulary distribution).
 
-Why a tail bucket instead of renormalizing the top-k: without it, the student could put arbitrary mass on
-tokens the teacher considers unlikely at no cost, and the two truncated distributions would not be
-distributions of the same thing. With the tail bucket the projection is exact bookkeeping of all mass, the
-divergence is a true divergence (zero iff the bucket distributions agree, and by the data-processing
-inequality a lower bound of the full-vocabulary one), and with k = V the tail bucket is empty on both
-sides (probability 0, log-prob -inf) so the sparse loss equals the dense loss exactly.
+Note [Teacher signal]
+~~~~~~~~~~~~~~~~~~~~~
+Storing the teacher's full distribution for every token is too expensive (V up to 262k), so the cache keeps,
+per position, what a server could also return plus a small random sample:
 
-The tail is computed as a logsumexp over the log-softmax entries outside the top-k, never as
-``log(1 - sum(p))``: the latter cancels catastrophically when the top-k holds almost all of the mass,
-which is exactly the common case for a confident teacher.
+- the HEAD: the top-k token ids at T = 1 and their log-probabilities at T = 1 (what vLLM and OpenAI-compatible
+  servers return as ``logprobs``);
+- the TAIL: the log of the mass outside the head at T = 1, and ``log sum_{j in tail} p_j^(1/tau)``, the tail's
+  unnormalized mass at the sampling temperature tau (= the distillation temperature);
+- m SAMPLES of the tail: ids drawn by systematic sampling from the tail's tempered distribution
+  ``t_j = p_j^(1/tau) / sum_tail p^(1/tau)`` (one uniform offset, m evenly spaced points on the CDF), merged
+  into distinct ids with their counts, each with its log-probability at T = 1.
+
+Why samples: at the documented T = 3 the teacher's tempered distribution is flat; the top-64 carry about 9 % of
+its mass on this project's teacher (benchmarks/quality.py), so a top-k cache whose rest is one "tail" bucket
+(the previous design, still used when m = 0) tells the student only how much mass goes elsewhere, never where.
+The dense loss sees every tail token. Tempering keeps the ranking, so a top-k taken at T = 1 has the very same
+ids and bucket masses: the temperature at which the head is cached changes nothing, the tail's shape does.
+
+The loss at T = tau (forward KL, the default divergence) uses the chain rule of KL:
+``KL(p_t || p_s) = KL over the k + 1 buckets + c * KL(t || s)``, c the teacher's tail mass, t and s the two
+tail distributions. The bucket term is exact (the tail mass at tau is stored). The draws come from t, so the
+mean over draws of ``log t(j) - log s(j)`` is an unbiased estimate of KL(t || s) (Anshumann et al., "Sparse Logit
+Sampling", ACL 2025: top-k caches are biased, sampled ones are not). Its gradient is NOT taken from that mean:
+with the same draws reused every epoch, the student would learn the draws themselves (the minimizer of a fixed
+sample's cross-entropy is the sample: measured, a tiny student's held-out KL rose 3.5x where the dense loss
+halved it). Instead the gradient comes from ``mean over draws of (r_j - 1) log s(j)``, with ``r_j = s(j) / t(j)``
+held constant: its expectation is the exact gradient ``(s - t) / T``, and it is exactly zero wherever the
+student's tail matches the teacher's, whatever was drawn (a control variate with the student's own tail). The
+ratio is capped at 50 so that a token the student overweights by orders of magnitude cannot blow up a step.
+Systematic sampling keeps every expectation and spreads the draws evenly (lower variance than independent
+draws).
+
+The other divergences are not linear in the teacher's distribution, so for them (and when m = 0, or at a
+temperature other than tau, such as T = 1 for evaluation) the tail is one bucket of exactly known mass: k + 1
+buckets that sum to 1, the student projected onto the same buckets (its probabilities on the head ids plus its
+total mass elsewhere). That is a true divergence of two distributions over the same events and, by the
+data-processing inequality, a lower bound of the full-vocabulary one; with k = V the tail is empty (log-prob
+-inf) and it equals the dense loss exactly.
+
+Tail masses are logsumexps over the entries outside the head, never ``log(1 - sum(p))``, which cancels
+catastrophically when the head holds almost all of the mass (the common case for a confident teacher).
 
 Note [Sum reduction]
 ~~~~~~~~~~~~~~~~~~~~
@@ -41,10 +67,10 @@ the-global-count makes every response token weigh exactly the same however the b
 
 Note [Zero-probability buckets]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-Rows may hold -inf log-probs (an empty tail when k = V, masked vocabulary entries). We use the convention
-``0 * log 0 = 0``. Autograd through ``torch.where`` still evaluates the gradient of the branch that was not
-taken, and ``0 * inf`` or ``exp(-inf - -inf)`` there turns into NaN, so every expression that could see
--inf on an untaken branch gets its inputs replaced by a harmless finite value first.
+Rows may hold -inf log-probs (an empty tail when k = V, masked vocabulary entries, unused sample slots). We
+use the convention ``0 * log 0 = 0``. Autograd through ``torch.where`` still evaluates the gradient of the
+branch that was not taken, and ``0 * inf`` or ``exp(-inf - -inf)`` there turns into NaN, so every expression
+that could see -inf on an untaken branch gets its inputs replaced by a harmless finite value first.
 
 A KL term with p > 0 where q = 0 is genuinely +inf (e.g. reverse KL where the teacher's logit is -inf but
 the student's is not). The value is reported as +inf, but the term enters autograd as a constant: its
@@ -71,34 +97,48 @@ DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "s
 _MIXING_KINDS: frozenset[str] = frozenset({"jsd", "skew_kl", "skew_reverse_kl"})
 
 _NEG_INF = float("-inf")
+_FIELDS = ("ids", "logp", "sample_logp", "counts", "tail_logp", "tail_lognorm")
+# Cap of the student-to-teacher probability ratio at a sampled id in the tail's gradient (Note [Teacher signal]):
+# only a student that puts over 50x the teacher's share on a drawn token is pushed down less hard than exactly.
+_MAX_RATIO = 50.0
 
 
 @dataclass
 class TeacherTargets:
-    """Sparse teacher distribution over k + 1 buckets for N positions (see Note [Tail bucket]).
+    """The teacher's sparse distribution at N positions: head, tail mass and tail samples (Note [Teacher signal]).
 
     Attributes:
-        ids: (N, k) int64, the teacher's top-k token ids (distinct within a row).
-        logp: (N, k) float32, teacher log-probabilities at temperature T of ``ids``.
-        tail_logp: (N,) float32, log of the teacher's mass on all other ids; -inf when the tail is empty.
-
-    ``exp(logp).sum(-1) + exp(tail_logp) == 1`` for every row.
+        ids: (N, k + m) int64: the top-k ids at T = 1 (distinct, most likely first), then m sampled tail ids
+            (distinct, none in the head; slots with count 0 are unused).
+        logp: (N, k) float32: log-probabilities at T = 1 of the head ids.
+        sample_logp: (N, m) float32: log-probabilities at T = 1 of the sampled ids.
+        counts: (N, m) float32: how often each sampled id was drawn; they sum to m when the tail is not empty.
+        tail_logp: (N,) float32: log of the mass outside the head at T = 1; -inf when the head covers everything.
+        tail_lognorm: (N,) float32: ``log sum_{j outside the head} p_j^(1/tau)``.
+        tau: the temperature the tail was sampled at (and `tail_lognorm` taken at).
     """
 
     ids: Tensor
     logp: Tensor
+    sample_logp: Tensor
+    counts: Tensor
     tail_logp: Tensor
+    tail_lognorm: Tensor
+    tau: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.ids.dim() != 2 or self.logp.shape != self.ids.shape:
+        n, k, m = self.logp.shape[0], self.logp.shape[-1], self.counts.shape[-1]
+        if (self.logp.dim() != 2 or self.counts.dim() != 2 or self.ids.shape != (n, k + m)
+                or self.counts.shape[0] != n or self.sample_logp.shape != self.counts.shape):
             raise ValueError(
-                f"TeacherTargets: ids and logp must both be (N, k); got {tuple(self.ids.shape)} "
-                f"and {tuple(self.logp.shape)}"
+                f"TeacherTargets: ids must be (N, k + m) for logp (N, k) and sample_logp, counts (N, m); got ids "
+                f"{tuple(self.ids.shape)}, logp {tuple(self.logp.shape)}, sample_logp {tuple(self.sample_logp.shape)}, "
+                f"counts {tuple(self.counts.shape)}"
             )
-        if self.tail_logp.shape != self.ids.shape[:1]:
+        if self.tail_logp.shape != (n,) or self.tail_lognorm.shape != (n,):
             raise ValueError(
-                f"TeacherTargets: tail_logp must be (N,) = ({self.ids.shape[0]},); "
-                f"got {tuple(self.tail_logp.shape)}"
+                f"TeacherTargets: tail_logp and tail_lognorm must be (N,) = ({n},); got "
+                f"{tuple(self.tail_logp.shape)} and {tuple(self.tail_lognorm.shape)}"
             )
 
     def __len__(self) -> int:
@@ -106,34 +146,86 @@ class TeacherTargets:
 
     @property
     def k(self) -> int:
-        """Number of explicit (non-tail) buckets."""
-        return self.ids.shape[1]
+        """Number of head ids."""
+        return self.logp.shape[1]
+
+    @property
+    def m(self) -> int:
+        """Number of sample slots."""
+        return self.counts.shape[1]
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> TeacherTargets:
+        return TeacherTargets(fn(self.ids), fn(self.logp), fn(self.sample_logp), fn(self.counts), fn(self.tail_logp),
+                              fn(self.tail_lognorm), self.tau)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TeacherTargets:
-        """Move all three tensors to ``device``."""
-        return TeacherTargets(
-            ids=self.ids.to(device, non_blocking=non_blocking),
-            logp=self.logp.to(device, non_blocking=non_blocking),
-            tail_logp=self.tail_logp.to(device, non_blocking=non_blocking),
-        )
+        """Move every tensor to ``device``."""
+        return self._map(lambda x: x.to(device, non_blocking=non_blocking))
 
     def index(self, sel: Tensor | slice) -> TeacherTargets:
         """Select rows with a bool mask (N,), an index tensor, or a slice."""
-        return TeacherTargets(ids=self.ids[sel], logp=self.logp[sel], tail_logp=self.tail_logp[sel])
+        return self._map(lambda x: x[sel])
 
     @staticmethod
     def cat(parts: list[TeacherTargets]) -> TeacherTargets:
-        """Concatenate along rows; all parts must share the same k."""
+        """Concatenate along rows; all parts must share k, m and tau."""
         if not parts:
             raise ValueError("TeacherTargets.cat: need at least one part")
-        ks = {p.k for p in parts}
-        if len(ks) != 1:
-            raise ValueError(f"TeacherTargets.cat: parts have different k: {sorted(ks)}")
+        shapes = {(p.k, p.m, p.tau) for p in parts}
+        if len(shapes) != 1:
+            raise ValueError(f"TeacherTargets.cat: parts differ in (k, m, tau): {sorted(shapes)}")
         return TeacherTargets(
-            ids=torch.cat([p.ids for p in parts]),
-            logp=torch.cat([p.logp for p in parts]),
-            tail_logp=torch.cat([p.tail_logp for p in parts]),
+            *(torch.cat([getattr(p, f) for p in parts]) for f in _FIELDS),
+            tau=parts[0].tau,
         )
+
+    def bucket_log_probs(self, temperature: float) -> Tensor:
+        """The teacher's k + 1 bucket log-probs at T = 1 or T = tau (the temperatures whose tail mass is stored):
+        ``softmax`` over ``cat(logp / T, tail mass at T)``, (N, k + 1) float32."""
+        if temperature == 1.0:
+            tail = self.tail_logp
+        elif math.isclose(temperature, self.tau):
+            tail = self.tail_lognorm
+        else:
+            raise ValueError(f"teacher targets hold the tail mass at T = 1 and T = {self.tau:g} only, not {temperature:g}")
+        b = torch.cat([self.logp.float() / temperature, tail.float().unsqueeze(-1)], dim=-1)
+        return b - torch.logsumexp(b, dim=-1, keepdim=True)
+
+
+@dataclass
+class DenseTargets:
+    """The live teacher at N positions: its final hidden states and its output head, so that its exact
+    full-vocabulary logits are made one chunk at a time inside the loss (never for the whole batch).
+
+    Attributes:
+        hidden: (N, H) the teacher's final hidden states at the positions that predict the student's tokens.
+        head: the teacher's output head (its tensors; no gradient flows into the teacher).
+        vocab: the real vocabulary size; logits of padded embedding rows beyond it are no tokens and are cut.
+    """
+
+    hidden: Tensor
+    head: LinearHead
+    vocab: int
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> DenseTargets:
+        return DenseTargets(self.hidden.to(device, non_blocking=non_blocking), self.head, self.vocab)
+
+    def index(self, sel: Tensor | slice) -> DenseTargets:
+        return DenseTargets(self.hidden[sel], self.head, self.vocab)
+
+    @torch.no_grad()
+    def logits(self, width: int) -> Tensor:
+        """(N, width) float32 teacher logits, -inf beyond the real vocabulary (padded rows are no tokens)."""
+        z = self.head(self.hidden).float()[:, : self.vocab]
+        if width < z.shape[-1]:
+            raise ValueError(f"the student's vocabulary ({width}) is smaller than the teacher's ({z.shape[-1]})")
+        return F.pad(z, (0, width - z.shape[-1]), value=_NEG_INF)
+
+
+Targets = TeacherTargets | DenseTargets
 
 
 def _check_temperature(temperature: float) -> None:
@@ -164,31 +256,85 @@ def _log_mass_outside(logp: Tensor, ids: Tensor) -> Tensor:
     return torch.logsumexp(logp.scatter(-1, ids, _NEG_INF), dim=-1)
 
 
-@torch.no_grad()
-def teacher_targets_from_logits(logits: Tensor, k: int, temperature: float) -> TeacherTargets:
-    """Sparse teacher targets from full-vocabulary teacher logits.
+def systematic_sample(logq: Tensor, m: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """m draws per row from ``softmax``-normalized ``logq`` by systematic sampling, merged into distinct ids.
 
-    ``logp = top-k of log_softmax(logits / T)`` and ``tail_logp = logsumexp`` of the remaining entries,
-    all in float32 whatever the input dtype. The result carries no gradient (the teacher is frozen).
+    The draws are the points ``(offset + i) / m``, i = 0..m-1, on each row's CDF: every id j is drawn
+    ``m * q_j`` times in expectation (as with independent draws), but never more than one draw away from it.
+
+    Args:
+        logq: (N, V) log-weights (need not be normalized); -inf marks ids that must never be drawn. A row of
+            all -inf draws nothing (its counts are 0).
+        m: draws per row, >= 1.
+        offsets: (N,) in [0, 1): each row's random offset.
+
+    Returns:
+        (ids (N, m) int64, counts (N, m) float32): distinct ids in ascending order, then unused slots (id 0,
+        count 0).
+    """
+    n, v = logq.shape
+    norm = torch.logsumexp(logq.float(), dim=-1, keepdim=True)
+    empty = torch.isneginf(norm).squeeze(-1)
+    q = torch.exp(logq.float() - torch.where(torch.isneginf(norm), 0.0, norm))
+    cdf = q.cumsum(-1)
+    points = (offsets.float().view(-1, 1).to(cdf.device) + torch.arange(m, device=cdf.device)) / m
+    # Scaled by each row's total so that rounding in the cumulative sum can never push a point past the end.
+    drawn = torch.searchsorted(cdf, points * cdf[:, -1:], right=True).clamp(max=v - 1)
+    # Sorted rows: a new id starts wherever it differs from its left neighbour; slot = how many started so far.
+    new = torch.ones_like(drawn, dtype=torch.bool)
+    new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    slot = new.long().cumsum(-1) - 1
+    counts = torch.zeros(n, m, dtype=torch.float32, device=drawn.device).scatter_add_(1, slot, torch.ones_like(points))
+    ids = torch.zeros(n, m, dtype=torch.long, device=drawn.device).scatter_(1, slot, drawn)
+    counts[empty] = 0.0
+    ids[empty] = 0
+    return ids, counts
+
+
+@torch.no_grad()
+def teacher_targets_from_logits(
+    logits: Tensor, k: int, *, samples: int = 0, tau: float = 1.0, offsets: Tensor | None = None
+) -> TeacherTargets:
+    """The sparse teacher signal of full-vocabulary teacher logits (Note [Teacher signal]).
+
+    All in float32 whatever the input dtype; the result carries no gradient (the teacher is frozen).
 
     Args:
         logits: (N, V) teacher logits, any float dtype.
-        k: number of explicit buckets, >= 1; clipped to V. With k >= V the tail is empty (-inf).
-        temperature: T > 0.
+        k: head size, >= 1; clipped to V. With k >= V the tail is empty (-inf) and nothing is sampled.
+        samples: m, tail draws per row (0: head and tail mass only).
+        tau: temperature of the sampling distribution and of `tail_lognorm`, > 0.
+        offsets: (N,) in [0, 1), the systematic sampler's offsets; uniform random when None.
 
     Returns:
-        TeacherTargets with ids (N, k') int64, logp (N, k') float32, tail_logp (N,) float32, k' = min(k, V).
+        TeacherTargets with k' = min(k, V) head ids and m sample slots.
     """
     if logits.dim() != 2:
         raise ValueError(f"teacher logits must be (N, V), got shape {tuple(logits.shape)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    _check_temperature(temperature)
-    logp = _tempered_log_softmax(logits, temperature)
+    if samples < 0:
+        raise ValueError(f"samples must be >= 0, got {samples}")
+    _check_temperature(tau)
+    logp = F.log_softmax(logits.float(), dim=-1)
     k = min(k, logp.shape[-1])
-    top_logp, ids = logp.topk(k, dim=-1)
-    tail = _log_mass_outside(logp, ids)
-    return TeacherTargets(ids=ids, logp=top_logp, tail_logp=tail)
+    head_logp, head_ids = logp.topk(k, dim=-1)
+    outside = logp.scatter(-1, head_ids, _NEG_INF)
+    tail_logp = torch.logsumexp(outside, dim=-1)
+    logq = outside / tau
+    tail_lognorm = torch.logsumexp(logq, dim=-1)
+    n = logp.shape[0]
+    if samples:
+        if offsets is None:
+            offsets = torch.rand(n)
+        sample_ids, counts = systematic_sample(logq, samples, offsets)
+    else:
+        sample_ids = torch.zeros(n, 0, dtype=torch.long, device=logp.device)
+        counts = torch.zeros(n, 0, dtype=torch.float32, device=logp.device)
+    return TeacherTargets(
+        ids=torch.cat([head_ids, sample_ids], dim=-1), logp=head_logp, sample_logp=logp.gather(-1, sample_ids),
+        counts=counts, tail_logp=tail_logp, tail_lognorm=tail_lognorm, tau=float(tau),
+    )
 
 
 def bucket_log_probs(student_logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
@@ -210,11 +356,6 @@ def bucket_log_probs(student_logits: Tensor, ids: Tensor, temperature: float) ->
     top = logp.gather(-1, ids)
     tail = _log_mass_outside(logp, ids)
     return torch.cat([top, tail.unsqueeze(-1)], dim=-1)
-
-
-def teacher_bucket_log_probs(t: TeacherTargets) -> Tensor:
-    """The teacher's k + 1 bucket log-probs: ``cat(logp, tail_logp[:, None])``, (N, k + 1) float32."""
-    return torch.cat([t.logp.float(), t.tail_logp.float().unsqueeze(-1)], dim=-1)
 
 
 def _kl(logp: Tensor, logq: Tensor) -> Tensor:
@@ -296,10 +437,66 @@ def divergence(
     return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
 
 
+def teacher_divergence(
+    student_logits: Tensor, teacher: Targets, temperature: float, kind: str = "forward_kl", beta: float = 0.5
+) -> Tensor:
+    """D(teacher_T || student_T) per position, (N,) float32, for either form of the teacher.
+
+    - `DenseTargets`: over the full vocabulary (exact).
+    - `TeacherTargets`, forward KL at T = tau with samples: ``KL(p_hat || p_s)`` where ``p_hat`` is the
+      sampled estimate of the tempered teacher (`TeacherTargets.atom_log_weights`); its gradient is unbiased.
+    - `TeacherTargets` otherwise: over the k + 1 buckets (head ids and one tail bucket; exact tail mass).
+
+    See Note [Teacher signal].
+    """
+    if isinstance(teacher, DenseTargets):
+        t = _tempered_log_softmax(teacher.logits(student_logits.shape[-1]), temperature)
+        return divergence(_tempered_log_softmax(student_logits, temperature), t, kind, beta)
+    if kind == "forward_kl" and teacher.m > 0 and math.isclose(temperature, teacher.tau):
+        return _sampled_forward_kl(student_logits, teacher, temperature)
+    student = bucket_log_probs(student_logits, teacher.ids[:, : teacher.k], temperature)
+    return divergence(student, teacher.bucket_log_probs(temperature), kind, beta)
+
+
+def _sampled_forward_kl(student_logits: Tensor, teacher: TeacherTargets, temperature: float) -> Tensor:
+    """Forward KL at T = tau from the head, the tail mass and the tail samples (Note [Teacher signal]).
+
+    By the chain rule of KL, ``KL(p_t || p_s) = KL over the k + 1 buckets + c * KL(t || s)``, with c the teacher's
+    tail mass and t, s the two tail distributions (each normalized over the ids outside the head). The buckets
+    are exact. The draws come from t itself, so ``mean over draws of log t(j) - log s(j)`` estimates KL(t || s)
+    without bias: that is the value. Its gradient is taken from ``mean over draws of (r_j - 1) log s(j)``, r_j =
+    s(j) / t(j) held constant: in expectation (s - t) / T, the exact gradient, and exactly zero wherever the
+    student's tail matches the teacher's, whatever was drawn.
+    """
+    ls = _tempered_log_softmax(student_logits, temperature)
+    k = teacher.k
+    head_ids = teacher.ids[:, :k]
+    s_tail = _log_mass_outside(ls, head_ids)
+    student_b = torch.cat([ls.gather(-1, head_ids), s_tail.unsqueeze(-1)], dim=-1)
+    teacher_b = teacher.bucket_log_probs(temperature)
+    buckets = _kl(teacher_b, student_b)
+    used = teacher.counts > 0
+    w = teacher.counts / teacher.counts.sum(-1, keepdim=True).clamp(min=1.0)
+    log_s = torch.where(used, ls.gather(-1, teacher.ids[:, k:]) - s_tail.unsqueeze(-1), 0.0)
+    log_t = torch.where(used, teacher.sample_logp.float() / temperature - teacher.tail_lognorm.float().unsqueeze(-1), 0.0)
+    tail_kl = (w * (log_t - log_s)).sum(-1)
+    ratio = torch.exp((log_s - log_t).clamp(max=math.log(_MAX_RATIO))).detach()
+    surrogate = (w * (ratio - 1.0) * log_s).sum(-1)
+    tail_mass = teacher_b[:, -1].exp()
+    return buckets + tail_mass * (tail_kl.detach() + surrogate - surrogate.detach())
+
+
+def teacher_top1(teacher: Targets) -> Tensor:
+    """The teacher's most likely id at each position, (N,) int64."""
+    if isinstance(teacher, DenseTargets):
+        return teacher.logits(teacher.vocab).argmax(-1)
+    return teacher.ids[:, 0]
+
+
 def token_losses(
     student_logits: Tensor,
     labels: Tensor,
-    teacher: TeacherTargets | None,
+    teacher: Targets | None,
     *,
     temperature: float = 1.0,
     alpha: float = 0.0,
@@ -308,7 +505,7 @@ def token_losses(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token distillation loss.
 
-    ``ce = -log softmax(z)[label]`` (T = 1), ``kd = divergence(teacher buckets, student buckets at T)``,
+    ``ce = -log softmax(z)[label]`` (T = 1), ``kd = teacher_divergence(...)`` at T,
     ``loss = alpha * T^2 * kd + (1 - alpha) * ce``. Without a teacher, ``kd = 0`` and ``loss = ce``.
     With ``alpha == 0`` the kd term is not computed (zeros). ``ce`` is always computed (for logging);
     with ``alpha == 1`` it simply has weight 0.
@@ -316,7 +513,7 @@ def token_losses(
     Args:
         student_logits: (N, V) logits at the positions that count (prompt and padding already removed).
         labels: (N,) int64 next-token ids (an ignore index of -100 yields ce = 0, as in F.cross_entropy).
-        teacher: sparse teacher targets for the same N positions, or None.
+        teacher: the teacher at the same N positions (sparse or dense), or None.
         temperature: T > 0 for the kd term.
         alpha: weight of the kd term, in [0, 1].
         kind: one of DIVERGENCES.
@@ -342,8 +539,7 @@ def token_losses(
         raise ValueError(
             f"token_losses: teacher has {len(teacher)} rows but student logits have {student_logits.shape[0]}"
         )
-    student_b = bucket_log_probs(student_logits, teacher.ids, temperature)
-    kd = divergence(student_b, teacher_bucket_log_probs(teacher), kind=kind, beta=beta)
+    kd = teacher_divergence(student_logits, teacher, temperature, kind, beta)
     soft = (alpha * temperature**2) * kd
     # Skip the zero-weighted ce term so a (theoretically possible) inf ce cannot turn into 0 * inf = NaN.
     loss = soft if alpha == 1.0 else soft + (1.0 - alpha) * ce
@@ -398,15 +594,20 @@ class _FusedLinearLoss(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+        # Under autocast the head would be cast to the lower precision again for every chunk (a detached
+        # weight is not in autocast's cache): cast it once.
+        w = weight.detach()
+        if torch.is_autocast_enabled(w.device.type):
+            w = w.to(torch.get_autocast_dtype(w.device.type))
         for start in range(0, hidden.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
             h = hidden[sl].detach()
-            z = F.linear(h, weight.detach(), None if bias is None else bias.detach()).requires_grad_(True)
+            z = F.linear(h, w, None if bias is None else bias.detach()).requires_grad_(True)
             with torch.enable_grad():
                 loss, kd, ce = loss_fn(head.cap(z), sl)
             (grad_z,) = torch.autograd.grad(loss, z)
             if grad_h is not None:
-                grad_h[sl] = (grad_z @ weight.detach().to(grad_z.dtype)).to(hidden.dtype)
+                grad_h[sl] = (grad_z @ w.to(grad_z.dtype)).to(hidden.dtype)
             if grad_w is not None:
                 grad_w.addmm_(grad_z.t().float(), h.float())
             if grad_b is not None:
@@ -433,7 +634,7 @@ def chunked_token_loss_sums(
     hidden: Tensor,
     head: Callable[[Tensor], Tensor],
     labels: Tensor,
-    teacher: TeacherTargets | None,
+    teacher: Targets | None,
     *,
     chunk_size: int = 1024,
     temperature: float = 1.0,
@@ -444,15 +645,16 @@ def chunked_token_loss_sums(
     """Sums of `token_losses` over N positions, computing the vocabulary projection chunk by chunk.
 
     Full-vocabulary float32 logits for every position (N x V x 4 bytes, tens of GB for long batches) would
-    otherwise be kept alive for backward. Each chunk of ``chunk_size`` positions runs under non-reentrant
-    activation checkpointing, so only the chunk's hidden states are saved and its logits are recomputed
-    in backward, one chunk at a time.
+    otherwise be kept alive for backward. With the head given as a `LinearHead` (the usual case), each chunk's
+    gradients are taken right after its loss (Note [Gradient in forward]) and its logits freed before the next
+    chunk. Any other head (e.g. LoRA on lm_head) runs each chunk under non-reentrant activation checkpointing:
+    only the chunk's hidden states are saved and its logits are recomputed in backward, one chunk at a time.
 
     Args:
         hidden: (N, H) final hidden states at the positions that count.
         head: maps (n, H) -> (n, V) logits (the lm_head, including any final softcapping).
         labels: (N,) int64.
-        teacher: sparse teacher targets for the N positions, or None.
+        teacher: the teacher at the N positions (sparse or dense), or None.
         chunk_size: positions per chunk, >= 1.
         temperature, alpha, kind, beta: as in `token_losses`.
 
@@ -479,13 +681,9 @@ def chunked_token_loss_sums(
         zero = head(hidden).float().sum() * 0.0
         return zero, zero.detach(), zero.detach()
 
-    def chunk_sums(
-        h: Tensor, lab: Tensor, ids: Tensor | None, logp: Tensor | None, tail: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        t = None if ids is None or logp is None or tail is None else TeacherTargets(ids, logp, tail)
-        loss, kd, ce = token_losses(
-            head(h), lab, t, temperature=temperature, alpha=alpha, kind=kind, beta=beta
-        )
+    def loss_fn(logits: Tensor, sl: slice) -> tuple[Tensor, Tensor, Tensor]:
+        t = None if teacher is None else teacher.index(sl)
+        loss, kd, ce = token_losses(logits, labels[sl], t, temperature=temperature, alpha=alpha, kind=kind, beta=beta)
         return loss.sum(), kd.sum(), ce.sum()
 
     if isinstance(head, LinearHead) and torch.is_grad_enabled():
@@ -493,11 +691,6 @@ def chunked_token_loss_sums(
         # after its loss and the chunk's logits freed before the next: no chunk is recomputed in backward
         # (checkpointing would run the head matmul and the softmax passes twice) and the weight gradient
         # is accumulated in place rather than as one vocabulary-sized temporary per chunk.
-        def loss_fn(logits: Tensor, sl: slice) -> tuple[Tensor, Tensor, Tensor]:
-            t = None if teacher is None else teacher.index(sl)
-            loss, kd, ce = token_losses(logits, labels[sl], t, temperature=temperature, alpha=alpha, kind=kind, beta=beta)
-            return loss.sum(), kd.sum(), ce.sum()
-
         return _FusedLinearLoss.apply(loss_fn, chunk_size, head.softcap, hidden, head.weight, head.bias)
 
     use_checkpoint = torch.is_grad_enabled()
@@ -506,15 +699,14 @@ def chunked_token_loss_sums(
     ces: list[Tensor] = []
     for start in range(0, n, chunk_size):
         sl = slice(start, start + chunk_size)
-        if teacher is None:
-            tids = tlogp = ttail = None
-        else:
-            tids, tlogp, ttail = teacher.ids[sl], teacher.logp[sl], teacher.tail_logp[sl]
-        args = (hidden[sl], labels[sl], tids, tlogp, ttail)
+
+        def chunk_sums(h: Tensor, sl: slice = sl) -> tuple[Tensor, Tensor, Tensor]:
+            return loss_fn(head(h), sl)
+
         if use_checkpoint:
-            loss, kd, ce = checkpoint(chunk_sums, *args, use_reentrant=False)
+            loss, kd, ce = checkpoint(chunk_sums, hidden[sl], use_reentrant=False)
         else:
-            loss, kd, ce = chunk_sums(*args)
+            loss, kd, ce = chunk_sums(hidden[sl])
         losses.append(loss)
         kds.append(kd.detach())
         ces.append(ce.detach())

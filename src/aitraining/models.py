@@ -24,8 +24,10 @@ import torch
 from aitraining.errors import UserError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from peft import PeftModel
-    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import LogitsProcessor, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -515,3 +517,57 @@ def compare_vocabularies(student_tok: PreTrainedTokenizerBase, teacher_tok: PreT
     tokenizer because embedding rows are padded, and that does not change which id a token gets.
     """
     return "same" if student_tok.get_vocab() == teacher_tok.get_vocab() else "different"
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+
+def _left_padded(prompts: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        mask[i, width - len(ids) :] = 1
+    return input_ids, mask
+
+
+def generate_answers(
+    model: PreTrainedModel, prompts: Sequence[list[int]], *, max_new_tokens: int, stop: set[int], pad: int,
+    processors: Sequence[LogitsProcessor] = (), do_sample: bool = False,
+) -> list[list[int]]:
+    """Batched generation from left-padded prompts; each answer is cut after its first stop id.
+
+    generate() fills every field left unset from the model's own generation config (a shipped
+    repetition_penalty, temperature, top_k...), and its processors run before the caller's: a recorder would
+    then see a distorted distribution and greedy answers would not be greedy. So the model's config is blanked
+    for the call.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    device = next(model.parameters()).device
+    input_ids, mask = _left_padded(prompts, pad)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=sorted(stop),
+                              pad_token_id=pad)
+    shipped = model.generation_config
+    model.generation_config = GenerationConfig(eos_token_id=sorted(stop), pad_token_id=pad,
+                                               bos_token_id=shipped.bos_token_id)
+    try:
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                             generation_config=config, logits_processor=LogitsProcessorList(list(processors)))
+    finally:
+        model.generation_config = shipped
+    answers = []
+    for row in out[:, input_ids.shape[1] :].cpu().tolist():
+        length = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
+        answers.append(row[:length])
+    return answers
+
+
+def stop_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> set[int]:
+    """Tokens that end a response: the tokenizer's EOS and the model's own (Gemma ends turns with
+    <end_of_turn>, which is not its tokenizer's EOS)."""
+    stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    shipped = model.generation_config.eos_token_id
+    stop |= set(shipped if isinstance(shipped, list) else [] if shipped is None else [shipped])
+    return stop

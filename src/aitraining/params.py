@@ -113,7 +113,17 @@ class LLMTrainingParams(BaseModel):
         "forward_kl", "Distillation", "Divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd"
     )
     distill_beta: float = _f(0.5, "Distillation", "Mixing weight of jsd and skew losses (skew: 0.1 is typical)")
-    distill_top_k: int = _f(64, "Distillation", "Teacher tokens kept per position in the cache (plus a tail bucket)")
+    distill_top_k: int = _f(32, "Distillation", "Teacher's most likely tokens cached per position, with their log-probs")
+    distill_tail_samples: int = _f(
+        112, "Distillation",
+        "Teacher tokens sampled per position from the rest of its tempered distribution (0-255; 0: the rest is "
+        "one bucket)",
+    )
+    teacher_source: Literal["cache", "live"] = _f(
+        "cache", "Distillation",
+        "cache: the teacher runs once and its targets are stored; live: it stays loaded and gives its exact "
+        "full distribution at every step (slower, more memory)",
+    )
     teacher_batch_size: int = _f(8, "Distillation", "Prompts per teacher generation / scoring batch")
     teacher_do_sample: bool = _f(False, "Distillation", "Sample teacher responses instead of greedy decoding")
     teacher_sampling_temperature: float = _f(0.7, "Distillation", "Sampling temperature of teacher responses")
@@ -159,6 +169,7 @@ class LLMTrainingParams(BaseModel):
         _in_range(self, "distill_max_teacher_length", 1, None)
         _in_range(self, "distill_beta", 0.0, 1.0, low_open=True, high_open=True)
         _in_range(self, "distill_top_k", 1, None)
+        _in_range(self, "distill_tail_samples", 0, 255)
         _in_range(self, "teacher_batch_size", 1, None)
         _in_range(self, "teacher_sampling_temperature", 0.0, None, low_open=True)
         _in_range(self, "teacher_top_p", 0.0, 1.0, low_open=True)

@@ -4,14 +4,21 @@ Two files in the project folder carry everything the student later needs from th
 
 - `teacher_outputs.jsonl`: responses the teacher wrote for prompt-only rows, one line per prompt, appended
   as they are made (a rerun or resume generates only what is missing).
-- `teacher_cache/<settings-hash>/`: for every response token, the teacher's top-k token ids and their
-  log-probabilities at the distillation temperature, plus the log of the remaining mass (the tail bucket).
-  Stored as flat binary arrays read through memory maps, so epochs stream them from disk and never run the
-  teacher again. A different teacher, temperature or k gets its own folder: no cache is ever overwritten.
+- `teacher_cache/<settings-hash>/`: for every response token, the teacher's sparse distribution (Note [Teacher
+  signal] in losses.py): the top-k ids and log-probabilities at T = 1, the tail's mass, and ids sampled from
+  the tail at the distillation temperature with their log-probabilities. One fixed-size record per token in a flat binary file read
+  through a memory map, so epochs stream it from disk and never run the teacher again. A different teacher,
+  temperature, k or sample count gets its own folder: no cache is ever overwritten or reused stale.
 
-Note (why top-k from generation is exact): for prompt-only rows the distribution is recorded by a logits
-processor placed *before* any sampling warper, on the raw float32 logits of each step, so it is the same
-distribution a separate scoring pass of prompt + response would give (tested), at no extra teacher pass.
+The student reads the teacher through a source with one method, `targets(items)`: `CachedTeacher` (the
+default) or `LiveTeacher` (`--teacher-source live`: the teacher stays in memory and gives its exact
+full-vocabulary distribution at every step; the exact reference, slower).
+
+Note [Recorded targets]: for prompt-only rows the distribution is recorded by a logits processor placed
+*before* any sampling warper, on the raw float32 logits of each step, so it is the same distribution a
+separate scoring pass of prompt + response would give (tested), at no extra teacher pass. The tail samples
+of a position depend only on the teacher prompt and the position (`sample_offsets`), never on batching, so
+a recorded entry, a scored one and one made again after a resume hold the same ids.
 """
 
 from __future__ import annotations
@@ -23,24 +30,26 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
 from aitraining.data import Example, encode, encode_response, render_prompt, resolve_chat_template
 from aitraining.errors import UserError
-from aitraining.losses import TeacherTargets, teacher_targets_from_logits
+from aitraining.losses import DenseTargets, TeacherTargets, teacher_targets_from_logits
+from aitraining.models import generate_answers, stop_ids
 from aitraining.objective import decoder, output_head
 from aitraining.params import LLMTrainingParams
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 OUTPUTS_FILE = "teacher_outputs.jsonl"
 CACHE_DIR = "teacher_cache"
+_GOLDEN = 0.6180339887498949
 
 
 def _hash(obj: Any) -> str:
@@ -53,24 +62,43 @@ def model_identity(name: str) -> dict[str, Any]:
     if not os.path.exists(path):
         return {"id": name}
     files = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in sorted(os.listdir(path))]
-    stats = [(os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in files if os.path.isfile(f)]
+    # Nanosecond times: weights rewritten in place within the same second must not look unchanged.
+    stats = [(os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files if os.path.isfile(f)]
     return {"path": path, "files": stats}
+
+
+def sample_offsets(prompt_ids: Sequence[int], start: int, n: int) -> torch.Tensor:
+    """The systematic sampler's offsets of response positions start..start+n-1 after a teacher prompt.
+
+    A fixed function of the prompt and the position (a golden-ratio sequence from the prompt's hash), so that
+    recording during generation, scoring, and redoing an entry after a resume all draw the same tail ids."""
+    seed = int(hashlib.sha256(np.asarray(prompt_ids, dtype=np.int64).tobytes()).hexdigest()[:12], 16) / 16**12
+    steps = torch.arange(start, start + n, dtype=torch.float64)
+    return torch.frac(seed + steps * _GOLDEN).float()
 
 
 # --------------------------------------------------------------------------------------------- the cache
 
 
+def record_dtype(k: int, m: int) -> np.dtype:
+    """One cached token: k + m ids (int32), their log-probs at T = 1 (float16: a log-prob of -20 to within 0.008),
+    m sample counts (uint8), and the tail's log-mass at T = 1 and log-norm at tau (float32): 6 (k + m) + m + 8
+    bytes, whatever the vocabulary."""
+    return np.dtype([("ids", "<i4", (k + m,)), ("logp", "<f2", (k + m,)), ("counts", "u1", (m,)), ("tail", "<f4", (2,))])
+
+
 class TargetCache:
     """Append-only store of sparse teacher targets, keyed by (teacher prompt, response ids).
 
-    Layout: `ids.i32` (tokens x k), `logp.f32` (tokens x k), `tail.f32` (tokens), and `index.jsonl` whose
-    lines are written only after their data is on disk; on open, data beyond the last indexed entry (a run
-    killed mid-write) is cut off, which is what makes generation and scoring resumable.
+    Layout: `targets.bin` (one `record_dtype` record per token) and `index.jsonl`, whose lines are written only
+    after their data is on disk; on open, data beyond the last indexed entry (a run killed mid-write) is cut
+    off, which is what makes generation and scoring resumable.
     """
 
     def __init__(self, folder: str, meta: dict[str, Any], *, readonly: bool = False) -> None:
         self.folder = folder
-        self.k = int(meta["k"])
+        self.k, self.m, self.tau = int(meta["k"]), int(meta.get("samples", 0)), float(meta.get("tau", 1.0))
+        self.dtype = record_dtype(self.k, self.m)
         os.makedirs(folder, exist_ok=True)
         meta_path = os.path.join(folder, "meta.json")
         if not os.path.exists(meta_path):
@@ -79,56 +107,58 @@ class TargetCache:
         self.entries: dict[str, tuple[int, int]] = {}
         self.n_tokens = 0
         index_path = os.path.join(folder, "index.jsonl")
+        self.data_path = os.path.join(folder, "targets.bin")
         if not readonly:
             _cut_torn_line(index_path)  # so that the next entry starts on a line of its own
         for rec in _jsonl_records(index_path):
             self.entries[rec["key"]] = (rec["start"], rec["length"])
             self.n_tokens = max(self.n_tokens, rec["start"] + rec["length"])
-        for name, width in (("ids.i32", self.k * 4), ("logp.f32", self.k * 4), ("tail.f32", 4)):
-            if readonly:
-                break
-            path = os.path.join(folder, name)
-            with open(path, "ab") as f:
-                f.truncate(self.n_tokens * width)
-        self._maps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        if not readonly:
+            with open(self.data_path, "ab") as f:
+                f.truncate(self.n_tokens * self.dtype.itemsize)
+        self._map: np.ndarray | None = None
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.dtype.itemsize
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
 
     def add(self, key: str, targets: TeacherTargets) -> None:
+        if (targets.k, targets.m) != (self.k, self.m):
+            raise ValueError(f"targets with k={targets.k}, m={targets.m} do not fit a cache of k={self.k}, m={self.m}")
         n = len(targets)
-        with open(os.path.join(self.folder, "ids.i32"), "ab") as f:
-            f.write(targets.ids.to(torch.int32).cpu().numpy().tobytes())
-        with open(os.path.join(self.folder, "logp.f32"), "ab") as f:
-            f.write(targets.logp.float().cpu().numpy().tobytes())
-        with open(os.path.join(self.folder, "tail.f32"), "ab") as f:
-            f.write(targets.tail_logp.float().cpu().numpy().tobytes())
+        rec = np.zeros(n, dtype=self.dtype)
+        rec["ids"] = targets.ids.cpu().numpy()
+        rec["logp"] = torch.cat([targets.logp, targets.sample_logp], -1).float().cpu().numpy()
+        rec["counts"] = targets.counts.cpu().numpy()
+        rec["tail"] = torch.stack([targets.tail_logp, targets.tail_lognorm], -1).float().cpu().numpy()
+        with open(self.data_path, "ab") as f:
+            f.write(rec.tobytes())
         with open(os.path.join(self.folder, "index.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps({"key": key, "start": self.n_tokens, "length": n}) + "\n")
         self.entries[key] = (self.n_tokens, n)
         self.n_tokens += n
-        self._maps = None
-
-    def _memmaps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self._maps is None:
-            n, k = self.n_tokens, self.k
-            mode = "r"
-            self._maps = (
-                np.memmap(os.path.join(self.folder, "ids.i32"), np.int32, mode, shape=(n, k)),
-                np.memmap(os.path.join(self.folder, "logp.f32"), np.float32, mode, shape=(n, k)),
-                np.memmap(os.path.join(self.folder, "tail.f32"), np.float32, mode, shape=(n,)),
-            )
-        return self._maps
+        self._map = None
 
     def get(self, key: str, n: int | None = None) -> TeacherTargets:
         """Targets of the first `n` response tokens of an entry (all when None)."""
         start, length = self.entries[key]
         n = length if n is None else min(n, length)
-        ids, logp, tail = self._memmaps()
+        if self._map is None:
+            self._map = np.memmap(self.data_path, self.dtype, "r", shape=(self.n_tokens,))
+        rec = self._map[start : start + n]
+
+        def field(name: str, dtype: type, width: int) -> torch.Tensor:  # a copy, contiguous, in a torch dtype
+            return torch.from_numpy(np.ascontiguousarray(rec[name], dtype=dtype).reshape(n, width))
+
+        tail = field("tail", np.float32, 2)
+        logp = field("logp", np.float32, self.k + self.m)
         return TeacherTargets(
-            ids=torch.from_numpy(np.array(ids[start : start + n], dtype=np.int64)),
-            logp=torch.from_numpy(np.array(logp[start : start + n])),
-            tail_logp=torch.from_numpy(np.array(tail[start : start + n])),
+            ids=field("ids", np.int64, self.k + self.m), logp=logp[:, : self.k].contiguous(),
+            sample_logp=logp[:, self.k :].contiguous(), counts=field("counts", np.float32, self.m),
+            tail_logp=tail[:, 0].contiguous(), tail_lognorm=tail[:, 1].contiguous(), tau=self.tau,
         )
 
 
@@ -137,26 +167,38 @@ class TargetCache:
 
 @dataclass
 class TeacherItem:
-    """What the student needs of one example: the response ids and where the teacher targets are."""
+    """What the student needs of one example: the response ids, where the teacher targets are, and the
+    teacher's own prompt (for a live teacher)."""
 
     response_ids: list[int]
     target_key: str
+    teacher_prompt: list[int]
 
 
 class _Recorder(LogitsProcessor):
     """Records the sparse distribution at each generation step from the raw logits, changing nothing."""
 
-    def __init__(self, k: int, temperature: float, vocab: int) -> None:
-        self.k, self.temperature, self.vocab = k, temperature, vocab
+    def __init__(self, params: LLMTrainingParams | None, vocab: int, prompts: Sequence[list[int]]) -> None:
+        self.params, self.vocab, self.prompts = params, vocab, prompts
         self.steps: list[TeacherTargets] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        targets = teacher_targets_from_logits(scores[:, : self.vocab], self.k, self.temperature)
-        self.steps.append(targets.to("cpu"))
+        if self.params is not None:
+            step = len(self.steps)
+            offsets = torch.cat([sample_offsets(p, step, 1) for p in self.prompts])
+            self.steps.append(targets_of(scores[:, : self.vocab], self.params, offsets).to("cpu"))
         if scores.shape[-1] > self.vocab:  # never emit a padded id: it is no token of either model
             scores = scores.clone()
             scores[:, self.vocab :] = float("-inf")
         return scores
+
+
+def targets_of(logits: torch.Tensor, params: LLMTrainingParams, offsets: torch.Tensor) -> TeacherTargets:
+    """The cached signal of teacher logits under a run's settings (head k, m tail samples at T)."""
+    return teacher_targets_from_logits(
+        logits, params.distill_top_k, samples=params.distill_tail_samples, tau=params.distill_temperature,
+        offsets=offsets,
+    )
 
 
 def teacher_dtype(device: torch.device, mixed_precision: str | None = None) -> torch.dtype:
@@ -223,89 +265,98 @@ class Teacher:
         text, special = render_prompt(self.tokenizer, ex.messages, self.params.effective_teacher_template, self.chat_template)
         return encode(self.tokenizer, text, add_special_tokens=special)
 
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[list[int]]) -> list[tuple[list[int], TeacherTargets]]:
-        """Greedy (or sampled) responses for a batch of prompt ids, with their recorded targets."""
-        p = self.params
+    @property
+    def pad_id(self) -> int:
         tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        width = max(len(x) for x in prompts)
-        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, ids in enumerate(prompts):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            mask[i, width - len(ids) :] = 1
-        recorder = _Recorder(p.distill_top_k, p.distill_temperature, self.vocab)
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[list[int]], *, record: bool = True) -> list[tuple[list[int], TeacherTargets | None]]:
+        """Greedy (or sampled) responses for a batch of prompt ids, with their recorded targets (None when
+        `record` is off: a live teacher needs none)."""
+        p = self.params
+        recorder = _Recorder(p if record else None, self.vocab, prompts)
         processors: list[LogitsProcessor] = [recorder]
         if p.teacher_do_sample:
             from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
             # Our own warpers, after the recorder: generate()'s built-in ones would run before it.
             processors += [TemperatureLogitsWarper(p.teacher_sampling_temperature), TopPLogitsWarper(p.teacher_top_p)]
-        stop = self.stop_ids()
-        config = GenerationConfig(
-            max_new_tokens=p.distill_max_teacher_length,
-            do_sample=p.teacher_do_sample,
-            eos_token_id=sorted(stop),
-            pad_token_id=pad,
-        )
-        # generate() fills every field left unset from the model's own generation config (a shipped
-        # repetition_penalty, temperature, top_k...), and its processors run before ours: the recorder would
-        # then store a distorted distribution. So the model's config is blanked for the call.
-        model = self.model
-        shipped = model.generation_config
-        model.generation_config = GenerationConfig(eos_token_id=sorted(stop), pad_token_id=pad,
-                                                   bos_token_id=shipped.bos_token_id)
-        try:
-            out = model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                generation_config=config,
-                logits_processor=LogitsProcessorList(processors),
-            )
-        finally:
-            model.generation_config = shipped
-        generated = out[:, width:].cpu()
-        results = []
-        for i in range(len(prompts)):
-            row = generated[i].tolist()
-            length = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
-            steps = [recorder.steps[s].index(torch.tensor([i])) for s in range(length)]
-            results.append((row[:length], TeacherTargets.cat(steps)))
+        answers = generate_answers(self.model, prompts, max_new_tokens=p.distill_max_teacher_length,
+                                  stop=self.stop_ids(), pad=self.pad_id, processors=processors,
+                                  do_sample=p.teacher_do_sample)
+        results: list[tuple[list[int], TeacherTargets | None]] = []
+        for i, row in enumerate(answers):
+            targets = None
+            if record:
+                targets = TeacherTargets.cat([recorder.steps[s].index(torch.tensor([i])) for s in range(len(row))])
+            results.append((row, targets))
         return results
 
     def stop_ids(self) -> set[int]:
-        """Tokens that end a response: the tokenizer's EOS and the model's own (Gemma ends turns with
-        <end_of_turn>, which is not its tokenizer's EOS)."""
-        stop = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        shipped = self.model.generation_config.eos_token_id
-        stop |= set(shipped if isinstance(shipped, list) else [] if shipped is None else [shipped])
-        return stop
+        return stop_ids(self.tokenizer, self.model)
 
     @torch.no_grad()
-    def score(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[TeacherTargets]:
-        """Targets on each response token given its prompt: one forward pass per batch."""
-        model = self.model
+    def hidden(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+        """The teacher's final hidden states at the positions that predict each response token: one forward
+        pass over the batch of prompt + response, right-padded."""
         width = max(len(a) + len(b) for a, b in pairs)
-        pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+        input_ids = torch.full((len(pairs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(pairs), width), dtype=torch.long)
         for i, (a, b) in enumerate(pairs):
             input_ids[i, : len(a) + len(b)] = torch.tensor(a + b)
             mask[i, : len(a) + len(b)] = 1
-        hidden = decoder(model)(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-        head = output_head(model)
+        hidden = decoder(self.model)(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        return [hidden[i, len(a) - 1 : len(a) + len(b) - 1] for i, (a, b) in enumerate(pairs)]
+
+    @torch.no_grad()
+    def score(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[TeacherTargets]:
+        """Targets on each response token given its prompt: one forward pass per batch, the vocabulary
+        projection a bounded number of positions at a time."""
+        head = output_head(self.model)
+        rows = max(16, min(512, 2**25 // max(self.vocab, 1)))  # about 128 MiB of float32 logits per chunk
         out = []
-        for i, (a, b) in enumerate(pairs):
-            h = hidden[i, len(a) - 1 : len(a) + len(b) - 1]
+        for (prompt, response), h in zip(pairs, self.hidden(pairs), strict=True):
             parts = [
-                teacher_targets_from_logits(
-                    head(h[s : s + 512])[:, : self.vocab].float(), self.params.distill_top_k, self.params.distill_temperature
-                )
-                for s in range(0, len(b), 512)
+                targets_of(head(h[s : s + rows])[:, : self.vocab], self.params,
+                           sample_offsets(prompt, s, min(rows, len(response) - s)))
+                for s in range(0, len(response), rows)
             ]
             out.append(TeacherTargets.cat(parts).to("cpu"))
         return out
+
+
+# ------------------------------------------------------------------------------------ the teacher sources
+
+
+class TeacherSource(Protocol):
+    """Where the student's teacher signal comes from, for a batch of items (train.Item: `input_ids`,
+    `n_prompt`, `target_key`, `teacher_prompt`), aligned with the student's trained positions."""
+
+    def targets(self, items: Sequence[Any]) -> TeacherTargets | DenseTargets: ...
+
+
+class CachedTeacher:
+    """The default source: the targets the teacher wrote to the cache once."""
+
+    def __init__(self, cache: TargetCache) -> None:
+        self.cache = cache
+
+    def targets(self, items: Sequence[Any]) -> TeacherTargets:
+        return TeacherTargets.cat([self.cache.get(it.target_key, len(it.input_ids) - it.n_prompt) for it in items])
+
+
+class LiveTeacher:
+    """The teacher kept in memory: at every step it reads the batch's responses and gives its exact
+    full-vocabulary distribution (as hidden states plus its head; the loss makes the logits chunk by chunk)."""
+
+    def __init__(self, teacher: Teacher) -> None:
+        self.teacher = teacher
+
+    def targets(self, items: Sequence[Any]) -> DenseTargets:
+        pairs = [(it.teacher_prompt, it.input_ids[it.n_prompt :]) for it in items]
+        head = output_head(self.teacher.model)
+        return DenseTargets(torch.cat(self.teacher.hidden(pairs)), head, self.teacher.vocab)
 
 
 def check_same_vocabulary(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
@@ -351,6 +402,20 @@ def _batches(order: list[int], size: int) -> list[list[int]]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
+def cache_meta(params: LLMTrainingParams, device: torch.device) -> dict[str, Any]:
+    """What a cache's content depends on: its folder is named by the hash of this, so a changed teacher,
+    precision, k, sample count or temperature never reads another's targets."""
+    return {
+        "format": CACHE_FORMAT,
+        "teacher": model_identity(params.teacher_model or ""),
+        "teacher_model": params.teacher_model,
+        "dtype": str(teacher_dtype(device, params.mixed_precision)),
+        "k": params.distill_top_k,
+        "samples": params.distill_tail_samples,
+        "tau": params.distill_temperature,
+    }
+
+
 def prepare_teacher(
     params: LLMTrainingParams,
     examples: Sequence[Example],
@@ -362,36 +427,30 @@ def prepare_teacher(
     wait: Callable[[], None] = lambda: None,
     show_progress: bool = True,
     teacher_tokenizer: Any = None,
-) -> tuple[list[TeacherItem | None], TargetCache]:
-    """Make sure every example has a response and cached teacher targets; returns one item per example.
+) -> tuple[list[TeacherItem | None], CachedTeacher | LiveTeacher]:
+    """Make sure every example has a response and (for the cache source) cached teacher targets; returns one
+    item per example and the teacher source.
 
-    Only the main process runs the teacher; the others wait, then read what it wrote. Items are None for
-    examples that yield no response token.
+    Only the main process runs the teacher for generation and scoring; the others wait, then read what it
+    wrote. A live source keeps the teacher loaded (on every process). Items are None for examples that yield
+    no response token.
     """
     teacher = Teacher(params, device, teacher_tokenizer)
     check_same_vocabulary(student_tokenizer, teacher.tokenizer)
-    identity = model_identity(params.teacher_model or "")
-    dtype = str(teacher_dtype(device, params.mixed_precision))
+    live = params.teacher_source == "live"
     gen_settings = {
-        "teacher": identity,
-        "dtype": dtype,
+        "teacher": model_identity(params.teacher_model or ""),
+        "dtype": str(teacher_dtype(device, params.mixed_precision)),
         "max_new": params.distill_max_teacher_length,
         "sample": params.teacher_do_sample,
         "temperature": params.teacher_sampling_temperature if params.teacher_do_sample else None,
         "top_p": params.teacher_top_p if params.teacher_do_sample else None,
         "seed": params.seed if params.teacher_do_sample else None,
     }
-    meta = {
-        "format": CACHE_FORMAT,
-        "teacher": identity,
-        "teacher_model": params.teacher_model,
-        "dtype": dtype,
-        "k": params.distill_top_k,
-        "temperature": params.distill_temperature,
-    }
+    meta = cache_meta(params, device)
     cache_folder = os.path.join(project_dir, CACHE_DIR, _hash(meta))
     # Only the main process writes (and may cut a torn tail off) the cache; the others open it when it is done.
-    cache = TargetCache(cache_folder, meta) if is_main else None
+    cache = TargetCache(cache_folder, meta) if is_main and not live else None
     outputs_path = os.path.join(project_dir, OUTPUTS_FILE)
 
     prompt_ids = [teacher.prompt_ids(ex) for ex in examples]
@@ -406,13 +465,13 @@ def prepare_teacher(
             torch.manual_seed(params.seed)
             order = sorted(missing, key=lambda i: len(prompt_ids[i]))
             bar = tqdm(total=len(missing), desc="teacher: writing responses", unit="prompt", disable=not show_progress)
+            stop = teacher.stop_ids()
             with open(outputs_path, "a", encoding="utf-8") as f:
                 for batch in _batches(order, params.teacher_batch_size):
-                    results = teacher.generate([prompt_ids[i] for i in batch])
+                    results = teacher.generate([prompt_ids[i] for i in batch], record=cache is not None)
                     for i, (resp_ids, targets) in zip(batch, results, strict=True):
                         key = _target_key(prompt_ids[i], resp_ids[: params.distill_max_teacher_length])
-                        assert cache is not None
-                        if key not in cache:
+                        if cache is not None and targets is not None and key not in cache:
                             cache.add(key, targets)
                         rec = {
                             "key": gen_keys[i],
@@ -420,7 +479,7 @@ def prepare_teacher(
                             "prompt": examples[i].messages[-1]["content"] if examples[i].messages else "",
                             "response": teacher.tokenizer.decode(resp_ids, skip_special_tokens=True),
                             "response_ids": resp_ids,
-                            "finished": bool(resp_ids) and resp_ids[-1] in teacher.stop_ids(),
+                            "finished": bool(resp_ids) and resp_ids[-1] in stop,
                         }
                         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                         f.flush()
@@ -445,11 +504,13 @@ def prepare_teacher(
             items.append(None)
             continue
         key = _target_key(prompt_ids[i], resp)
-        items.append(TeacherItem(resp, key))
+        items.append(TeacherItem(resp, key, prompt_ids[i]))
         if cache is not None and key not in cache and key not in scheduled:
             scheduled.add(key)  # repeated rows are scored once
             to_score.append(i)
 
+    if live:
+        return items, LiveTeacher(teacher)
     if cache is not None and to_score:
         order = sorted(to_score, key=lambda i: len(prompt_ids[i]) + len(items[i].response_ids))  # type: ignore[union-attr]
         bar = tqdm(total=len(order), desc="teacher: scoring responses", unit="row", disable=not show_progress)
@@ -466,7 +527,7 @@ def prepare_teacher(
     missing_targets = [it.target_key for it in items if it is not None and it.target_key not in cache]
     if missing_targets:
         raise RuntimeError(f"{len(missing_targets)} teacher targets are missing from {cache_folder}")
-    return items, cache
+    return items, CachedTeacher(cache)
 
 
 def _target_key(prompt_ids: list[int], response_ids: list[int]) -> str:

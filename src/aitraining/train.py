@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from aitraining import data as data_mod
 from aitraining import models
 from aitraining.errors import Interrupted, UserError
-from aitraining.losses import TeacherTargets
+from aitraining.losses import Targets
 from aitraining.objective import Objective, causal_lm
 from aitraining.params import LLMTrainingParams
 
@@ -106,9 +106,12 @@ def _write_run_file(project: str, params: LLMTrainingParams, status: str, **extr
 
 @dataclass
 class Item:
+    """A student sequence, of which positions >= n_prompt are trained, and where its teacher signal is."""
+
     input_ids: list[int]
     n_prompt: int
     target_key: str | None = None
+    teacher_prompt: list[int] | None = None
 
 
 def collate(items: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
@@ -121,13 +124,12 @@ def collate(items: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "n_prompt": torch.tensor([it.n_prompt for it in items])}
 
 
-def batch_targets(items: Sequence[Item], cache: Any) -> TeacherTargets | None:
-    if cache is None:
-        return None
-    return TeacherTargets.cat([cache.get(it.target_key, len(it.input_ids) - it.n_prompt) for it in items])
+def batch_targets(items: Sequence[Item], source: Any) -> Targets | None:
+    """The teacher at the batch's trained positions, in the order the loss takes them (row by row)."""
+    return None if source is None else source.targets(items)
 
 
-def _student_items(
+def student_items(
     examples: Sequence[data_mod.Example], teacher_items: Sequence[Any], tokenizer: Any, params: LLMTrainingParams,
     chat_template: str | None,
 ) -> list[Item | None]:
@@ -144,7 +146,7 @@ def _student_items(
             block_size=params.block_size,
             example_index=i,
         )
-        items.append(Item(seq.input_ids, seq.n_prompt, t.target_key) if seq else None)
+        items.append(Item(seq.input_ids, seq.n_prompt, t.target_key, t.teacher_prompt) if seq else None)
     return items
 
 
@@ -230,10 +232,34 @@ def resolve_mixed_precision(choice: str | None) -> str:
     return "bf16" if cpu_has_bf16() else "no"
 
 
+def release_freed_memory_to_the_system(threshold: int = 1 << 16) -> bool:
+    """Serve allocations of `threshold` bytes and more with their own memory maps (glibc only; False elsewhere).
+
+    Note [Heap growth]: glibc raises its mmap threshold to the size of the largest block freed, up to 32 MiB, so
+    after the first steps every activation, logits chunk and gradient buffer of a training step comes from the
+    heap; batches of varying shapes then leave holes that the heap never gives back. Measured on this project's
+    machine (22 steps of the 8-layer student): resident memory climbed from 1.5 to 3.4 GB this way; with a fixed
+    64 KiB threshold it stayed at 1.6 GB, at the same speed. Setting the threshold turns the adjustment off.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not os.uname().sysname == "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     """Run the whole job; returns the project folder."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+
+    release_freed_memory_to_the_system()
 
     if params.mixed_precision is None:
         params = params.model_copy(update={"mixed_precision": resolve_mixed_precision(None)})
@@ -270,7 +296,7 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
         log.info("project folder: %s", project)
 
     # Data -> token sequences (the teacher writes missing responses and is cached here, once).
-    cache = None
+    source = None
     timings: dict[str, float] = {}
     run_started = time.time()
     if params.use_distillation:
@@ -284,7 +310,7 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
         start_project()
         all_examples = train_examples + valid_examples
         teacher_started = time.time()
-        teacher_items, cache = prepare_teacher(
+        teacher_items, source = prepare_teacher(
             params,
             all_examples,
             tokenizer,
@@ -296,7 +322,7 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
             teacher_tokenizer=teacher_tokenizer,
         )
         timings["teacher_s"] = round(time.time() - teacher_started, 2)
-        items = _student_items(all_examples, teacher_items, tokenizer, params, chat_template)
+        items = student_items(all_examples, teacher_items, tokenizer, params, chat_template)
         train_items = [it for it in items[: len(train_examples)] if it is not None]
         valid_items = [it for it in items[len(train_examples) :] if it is not None]
     else:
@@ -374,7 +400,7 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     last: dict[str, Any] = {}
     if valid_items and global_step == 0:
         # The "before" of every before/after comparison: the untrained student on the validation rows.
-        ev = _evaluate(accelerator.unwrap_model(objective).model, valid_items, cache, params, pad_id)
+        ev = _evaluate(accelerator.unwrap_model(objective).model, valid_items, source, params, pad_id)
         _log_metrics(metrics_path, {"step": 0, "epoch": 0, **{f"eval_{k}": v for k, v in ev.items()}}, accelerator, is_main)
     try:
         for epoch in range(global_step // steps_per_epoch, params.epochs):
@@ -397,7 +423,7 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
                     ctx = contextlib.nullcontext() if sync else accelerator.no_sync(objective)
                     with ctx, accelerator.autocast():
                         loss_sum, kd_sum, ce_sum, n_tok = objective(
-                            **tensors, teacher=batch_targets(rows, cache), weight=weight
+                            **tensors, teacher=batch_targets(rows, source), weight=weight
                         )
                         accelerator.backward(loss_sum * world / max(global_count, 1.0))
                     window_stats.add(loss_sum.item(), kd_sum.item() * weight, ce_sum.item() * weight, n_tok.item() * weight)
@@ -422,7 +448,7 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                     _log_metrics(metrics_path, last, accelerator, is_main)
             if valid_items:
-                ev = _evaluate(accelerator.unwrap_model(objective).model, valid_items, cache, params, pad_id)
+                ev = _evaluate(accelerator.unwrap_model(objective).model, valid_items, source, params, pad_id)
                 last.update({f"eval_{k}": v for k, v in ev.items()})
                 _log_metrics(metrics_path, {"step": global_step, "epoch": epoch + 1, **{f"eval_{k}": v for k, v in ev.items()}},
                              accelerator, is_main)
@@ -443,7 +469,10 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     if is_main:
         final = dict(last)
         if params.use_distillation:
-            final["teacher_cache_tokens"] = cache.n_tokens if cache is not None else 0
+            cache = getattr(source, "cache", None)
+            if cache is not None:
+                final["teacher_cache_tokens"] = cache.n_tokens
+                final["teacher_cache_bytes_per_token"] = cache.bytes_per_token
         final["train_s"] = round(time.time() - started, 2)
         final.update(timings)
         final["total_s"] = round(time.time() - run_started, 2)
@@ -526,15 +555,15 @@ def _advise(params: LLMTrainingParams, student: Any) -> None:
         log.warning("--distill-alpha 1: only the distillation loss is used, the labels are ignored")
 
 
-def _evaluate(model: Any, items: list[Item], cache: Any, params: LLMTrainingParams, pad_id: int) -> dict[str, Any]:
+def _evaluate(model: Any, items: list[Item], source: Any, params: LLMTrainingParams, pad_id: int) -> dict[str, Any]:
     from aitraining.evaluate import response_metrics
 
-    def batches() -> Iterator[tuple[dict[str, torch.Tensor], TeacherTargets | None]]:
+    def batches() -> Iterator[tuple[dict[str, torch.Tensor], Targets | None]]:
         for s in range(0, len(items), params.batch_size):
             rows = items[s : s + params.batch_size]
-            yield collate(rows, pad_id), batch_targets(rows, cache)
+            yield collate(rows, pad_id), batch_targets(rows, source)
 
-    return response_metrics(model, batches(), temperature=params.distill_temperature, chunk_size=params.loss_chunk_size or 512)
+    return response_metrics(model, batches(), chunk_size=params.loss_chunk_size or 512)
 
 
 def _save_checkpoint(accelerator: Any, project: str, params: LLMTrainingParams, step: int, epoch: int | None) -> None:

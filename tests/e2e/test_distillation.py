@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_jsonl
+from helpers import PAIRS, write_jsonl
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from aitraining.cli import main
-from aitraining.data import Example, encode, render_prompt
+from aitraining.data import Example
+from aitraining.objective import Objective, target_positions
 from aitraining.params import LLMTrainingParams
 from aitraining.teacher import TargetCache, Teacher, prepare_teacher
 
@@ -30,7 +31,7 @@ def test_generation_targets_equal_a_scoring_pass_of_the_real_teacher(smol_teache
     """The distribution recorded during generation is the teacher's distribution on prompt + response,
     greedy or sampled (the sampling warpers run after the recorder)."""
     params = params_for(smol_teacher_dir, smol_teacher_dir, "x.jsonl", tmp_path / "p", distill_top_k=16,
-                        distill_max_teacher_length=10, teacher_batch_size=3, teacher_do_sample=sample,
+                        distill_tail_samples=32, distill_max_teacher_length=10, teacher_batch_size=3, teacher_do_sample=sample,
                         teacher_sampling_temperature=1.5)
     torch.manual_seed(0)
     teacher = Teacher(params, torch.device("cpu"))
@@ -48,48 +49,97 @@ def test_generation_targets_equal_a_scoring_pass_of_the_real_teacher(smol_teache
         live = teacher.score([(prompt, response)])[0]
         torch.testing.assert_close(recorded.logp, live.logp, atol=2e-3, rtol=0)
         torch.testing.assert_close(recorded.tail_logp, live.tail_logp, atol=2e-3, rtol=0)
-        # Ids agree wherever neighbouring log-probs are not a near tie.
+        torch.testing.assert_close(recorded.tail_lognorm, live.tail_lognorm, atol=2e-3, rtol=0)
+        # Head ids agree wherever neighbouring log-probs are not a near tie.
         gaps = (live.logp[:, :-1] - live.logp[:, 1:]).abs() > 1e-3
-        assert (recorded.ids[:, :-1] == live.ids[:, :-1])[gaps].all()
+        k = recorded.k
+        assert (recorded.ids[:, : k - 1] == live.ids[:, : k - 1])[gaps].all()
+        # The tail samples depend on the prompt and the position only: the same draws, but for the odd point
+        # that the two passes' last bits put on either side of a boundary.
+        same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(recorded.ids[:, k:], live.ids[:, k:], strict=True))
+        assert same >= 0.95 * recorded.ids[:, k:].numel()
         if not sample:  # greedy decoding picked the teacher's top-1 token at every step
             assert recorded.ids[:, 0].tolist() == response
     if sample:  # hot sampling leaves the greedy path somewhere
         assert any(rec.ids[:, 0].tolist() != resp for resp, rec in generated)
 
 
-def test_cached_targets_equal_live_targets_and_alignment_on_the_real_tokenizer(tiny_teacher, tiny_student, tmp_path):
-    """Templates that end mid-word and responses starting with a space: the student's trained tokens are
-    exactly the teacher's response tokens, and the cache holds the teacher's live distribution on them."""
-    data = write_jsonl(tmp_path / "d.jsonl", [
+def _strip_bos(tok, text: str) -> str:
+    return text[len(tok.bos_token):] if tok.bos_token and text.startswith(tok.bos_token) else text
+
+
+def test_what_the_teacher_scored_is_what_the_student_trained_on(tiny_teacher, tiny_student, tmp_path, monkeypatch):
+    """The real sequences of a real run, captured where the teacher reads them and where the student's loss
+    takes them: the teacher scored its own prompt rendering + the response; the student trained on its own
+    rendering (a template ending mid-word) + the same response ids, exactly those tokens are its labels, and
+    the targets its loss received are the teacher's distribution at those positions."""
+    rows = [
         {"prompt": "Name a colour", "response": " Blue, like the sky."},
         {"prompt": "Say {input} and {0} literally", "response": "{input} and {0}"},
         {"prompt": "Count to three", "response": "1, 2, 3"},
-    ])
-    project = tmp_path / "proj"
-    project.mkdir()
-    params = params_for(tiny_student, tiny_teacher, data, project, chat_template="none",
-                        teacher_prompt_template="<|system|>You are helpful.<|user|>{input}<|assistant|>",
-                        student_prompt_template="Question: {input}\nAnsw", distill_top_k=8)
-    from aitraining.data import load_examples
+        {"prompt": "Emoji?", "response": "Sure 🙂  twice\n\n\tand tabs 12345."},
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    scored: list[tuple[list[int], list[int]]] = []
+    real_hidden = Teacher.hidden
 
-    examples, _ = load_examples(params)
+    def hidden(self, pairs):
+        scored.extend((list(a), list(b)) for a, b in pairs)
+        return real_hidden(self, pairs)
+
+    monkeypatch.setattr(Teacher, "hidden", hidden)
+    batches = []
+    real_forward = Objective.forward
+
+    def forward(self, input_ids, attention_mask, n_prompt, teacher=None, weight=1.0):
+        batches.append((input_ids.clone(), attention_mask.clone(), n_prompt.clone(), teacher))
+        return real_forward(self, input_ids, attention_mask, n_prompt, teacher, weight)
+
+    monkeypatch.setattr(Objective, "forward", forward)
+    template_t = "<|system|>You are helpful.<|user|>{input}<|assistant|>"
+    assert main(["llm", "--train", "--model", tiny_student, "--teacher-model", tiny_teacher, "--data-path", data,
+                 "--project-name", str(tmp_path / "p"), "--use-distillation", "--chat-template", "none",
+                 "--teacher-prompt-template", template_t, "--student-prompt-template", "Question: {input}\nAnsw",
+                 "--distill-top-k", "8", "--distill-tail-samples", "6", "--epochs", "1", "--batch-size", "2",
+                 "--mixed-precision", "no", "--distill-alpha", "0.5"]) == 0
     tok = AutoTokenizer.from_pretrained(tiny_student)
-    items, cache = prepare_teacher(params, examples, tok, str(project), torch.device("cpu"), show_progress=False)
+    responses = {r["prompt"]: tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in rows}
+    assert len(scored) == len(rows)
+    teacher_prompt_of = {}
+    for prompt_ids, response_ids in scored:
+        text = _strip_bos(tok, tok.decode(prompt_ids))
+        user = text.removeprefix("<|system|>You are helpful.<|user|>").removesuffix("<|assistant|>")
+        assert text == template_t.replace("{input}", user) and user in responses
+        assert response_ids == responses[user]
+        teacher_prompt_of[user] = prompt_ids
+    params = params_for(tiny_student, tiny_teacher, data, tmp_path / "x", chat_template="none",
+                        teacher_prompt_template=template_t, distill_top_k=8, distill_tail_samples=6,
+                        mixed_precision="no")
     teacher = Teacher(params, torch.device("cpu"))
-    for ex, item in zip(examples, items, strict=True):
-        assert item is not None
-        assert tok.decode(item.response_ids) == ex.response + tok.eos_token
-        student_prompt, special = render_prompt(tok, ex.messages, params.student_prompt_template, None)
-        assert student_prompt.endswith("\nAnsw") and "{input}" not in student_prompt.replace(ex.response, "")
-        student_ids = encode(tok, student_prompt, add_special_tokens=special) + item.response_ids
-        assert student_ids[-len(item.response_ids):] == item.response_ids
-        teacher_prompt = teacher.prompt_ids(ex)
-        assert tok.decode(teacher_prompt).startswith("<|system|>You are helpful.<|user|>")
-        live = teacher.score([(teacher_prompt, item.response_ids)])[0]
-        cached = cache.get(item.target_key)
-        torch.testing.assert_close(cached.logp, live.logp, atol=1e-5, rtol=0)
-        torch.testing.assert_close(cached.tail_logp, live.tail_logp, atol=1e-5, rtol=0)
-        assert torch.equal(cached.ids, live.ids)
+    trained = set()
+    for input_ids, mask, n_prompt, targets in batches:
+        sel = target_positions(mask, n_prompt)
+        labels = input_ids[:, 1:][sel[:, :-1]].tolist()
+        start = 0
+        for row in range(input_ids.shape[0]):
+            ids = input_ids[row, : int(mask[row].sum())].tolist()
+            n = int(n_prompt[row])
+            user = _strip_bos(tok, tok.decode(ids[:n])).removeprefix("Question: ").removesuffix("\nAnsw")
+            assert tok.decode(ids[:n]).endswith("Question: " + user + "\nAnsw")
+            assert ids[n:] == responses[user]
+            assert labels[start : start + len(ids) - n] == ids[n:]  # exactly the response tokens are trained
+            got = targets.index(slice(start, start + len(ids) - n))
+            live = teacher.score([(teacher_prompt_of[user], ids[n:])])[0]
+            torch.testing.assert_close(got.logp, live.logp, atol=8e-3, rtol=0)  # stored in float16
+            torch.testing.assert_close(got.tail_logp, live.tail_logp, atol=1e-5, rtol=0)
+            torch.testing.assert_close(got.tail_lognorm, live.tail_lognorm, atol=1e-5, rtol=0)
+            assert torch.equal(got.ids[:, :8], live.ids[:, :8])
+            same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got.ids[:, 8:], live.ids[:, 8:], strict=True))
+            assert same >= 0.9 * got.ids[:, 8:].numel()
+            start += len(ids) - n
+            trained.add(user)
+        assert start == len(labels) == len(targets)
+    assert trained == set(responses)
 
 
 def test_teacher_runs_once_whatever_the_epochs_and_is_reused(tiny_student, tiny_teacher, prompts_file, tmp_path, monkeypatch):
@@ -145,11 +195,11 @@ def test_interrupted_generation_keeps_what_was_written(tiny_student, tiny_teache
     real_generate = Teacher.generate
     state = {"n": 0}
 
-    def flaky(self, prompts):
+    def flaky(self, prompts, **kw):
         state["n"] += 1
         if state["n"] == 2:
             raise KeyboardInterrupt
-        return real_generate(self, prompts)
+        return real_generate(self, prompts, **kw)
 
     monkeypatch.setattr(Teacher, "generate", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -160,22 +210,23 @@ def test_interrupted_generation_keeps_what_was_written(tiny_student, tiny_teache
     with open(tmp_path / "p" / "teacher_outputs.jsonl", "a") as f:
         f.write('{"key": "trunc')
     cache_dir = next((tmp_path / "p" / "teacher_cache").iterdir())
-    with open(cache_dir / "tail.f32", "ab") as f:
+    with open(cache_dir / "targets.bin", "ab") as f:
         f.write(b"\x00\x01")
     with open(cache_dir / "index.jsonl", "a") as f:
         f.write('{"key": "torn", "sta')
     monkeypatch.setattr(Teacher, "generate", real_generate)
     counted = {"prompts": 0}
 
-    def counting(self, prompts):
+    def counting(self, prompts, **kw):
         counted["prompts"] += len(prompts)
-        return real_generate(self, prompts)
+        return real_generate(self, prompts, **kw)
 
     monkeypatch.setattr(Teacher, "generate", counting)
-    items, cache = prepare_teacher(params, examples, tok, str(tmp_path / "p"), torch.device("cpu"), show_progress=False)
+    items, source = prepare_teacher(params, examples, tok, str(tmp_path / "p"), torch.device("cpu"), show_progress=False)
+    cache = source.cache
     assert counted["prompts"] == len(examples) - 3
     assert all(it is not None and it.target_key in cache for it in items)
-    assert (cache_dir / "tail.f32").stat().st_size == cache.n_tokens * 4
+    assert (cache_dir / "targets.bin").stat().st_size == cache.n_tokens * cache.bytes_per_token
     # Everything written after the torn index line is found again by the next run: nothing is redone.
     counted["prompts"] = 0
 
@@ -185,23 +236,47 @@ def test_interrupted_generation_keeps_what_was_written(tiny_student, tiny_teache
     monkeypatch.setattr(Teacher, "score", no_scoring)
     again_items, again = prepare_teacher(params, examples, tok, str(tmp_path / "p"), torch.device("cpu"),
                                          show_progress=False)
-    assert counted["prompts"] == 0 and len(again.entries) == len(cache.entries)
+    assert counted["prompts"] == 0 and len(again.cache.entries) == len(cache.entries)
+
+
+def sharpened(teacher: str, folder: Path, factor: float = 8.0) -> str:
+    """A copy of a tiny random teacher whose logits are `factor` times larger: a random model's next-token
+    distribution is nearly uniform, so its KL at T = 1 to any student is too small to show learning."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(factor)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(folder)
+    return str(folder)
 
 
 def test_the_student_moves_toward_the_teacher(tiny_student, tiny_teacher, tmp_path):
-    """End-to-end CLI run: KL(teacher || student) on held-out prompts falls, top-1 agreement rises."""
+    """End-to-end CLI run with the exact loss (a live teacher) at the documented T and alpha = 1: on held-out
+    rows, the exact KL(teacher || student) at T = 1 falls to under 0.65 of the untrained student's. Given
+    responses of real text, so that the positions differ (a tiny random teacher writing its own answers repeats
+    one token). The cached signal's tail is sampled, which a random teacher (flat over 49k tokens) defeats at
+    this size; test_bundled_teacher_prune_then_distill checks the default path on the real teacher."""
+    from transformers import AutoModelForCausalLM
+
+    from aitraining.evaluate import TeacherReference
+
+    tiny_teacher = sharpened(tiny_teacher, tmp_path / "sharp", 4.0)
     data = tmp_path / "data"
-    prompts = [f"Tell me fact number {i} about {topic}." for i in range(6) for topic in ("cats", "rivers", "stars")]
-    write_jsonl(data / "train.jsonl", [{"text": p} for p in prompts[:15]])
-    write_jsonl(data / "valid.jsonl", [{"text": p} for p in prompts[15:]])
+    rows = [{"prompt": p, "response": r} for p, r in PAIRS]
+    write_jsonl(data / "train.jsonl", rows[:6] * 3)
+    write_jsonl(data / "valid.jsonl", rows[6:])
     project = tmp_path / "kd"
     assert main(["llm", "--train", "--model", tiny_student, "--teacher-model", tiny_teacher, "--data-path", str(data),
-                 "--valid-split", "valid", "--project-name", str(project), "--use-distillation", "--distill-alpha", "1",
-                 "--distill-max-teacher-length", "16", "--epochs", "4", "--lr", "3e-3", "--batch-size", "5"]) == 0
-    evals = [json.loads(x) for x in (project / "metrics.jsonl").read_text().splitlines() if "eval_kl_to_teacher" in x]
-    assert evals[0]["epoch"] == 0 and evals[-1]["epoch"] == 4
-    assert evals[-1]["eval_kl_to_teacher"] < 0.5 * evals[0]["eval_kl_to_teacher"]
-    assert evals[-1]["eval_top1_agreement"] >= evals[0]["eval_top1_agreement"]
+                 "--project-name", str(project), "--use-distillation", "--distill-alpha", "1", "--epochs", "4",
+                 "--lr", "3e-3", "--batch-size", "6", "--teacher-source", "live"]) == 0
+    reference = TeacherReference(params_for(tiny_student, tiny_teacher, str(data / "valid.jsonl"), tmp_path / "r"),
+                                 str(tmp_path / "r"))
+    before = reference.compare(AutoModelForCausalLM.from_pretrained(tiny_student))
+    after = reference.compare(AutoModelForCausalLM.from_pretrained(project))
+    assert before["n_tokens"] == after["n_tokens"] > 10
+    assert after["kl_to_teacher"] < 0.65 * before["kl_to_teacher"]
 
 
 def _tiny_with(tokenizer, folder: Path, vocab_size: int, seed: int, *, boost_padding: bool = False) -> str:
@@ -226,7 +301,8 @@ def test_padded_embedding_rows_are_the_same_vocabulary(smol_tokenizer_dir, promp
     project = tmp_path / "padded"
     assert main(["llm", "--train", "--model", student, "--teacher-model", teacher, "--data-path", prompts_file,
                  "--project-name", str(project), "--use-distillation", "--distill-max-teacher-length", "4"]) == 0
-    cache = TargetCache(str(next((project / "teacher_cache").iterdir())), {"k": 64}, readonly=True)
+    folder = next((project / "teacher_cache").iterdir())
+    cache = TargetCache(str(folder), json.loads((folder / "meta.json").read_text()), readonly=True)
     key = next(iter(cache.entries))
     assert int(cache.get(key).ids.max()) < len(tok)
 
@@ -250,23 +326,45 @@ def test_a_different_tokenizer_is_a_clear_error(smol_tokenizer_dir, tiny_student
 
 
 def test_bundled_teacher_prune_then_distill(bundled_gguf, shared_data, tmp_path):
-    """The real thing, small: an 8-layer student cut from the bundled SmolLM2 teacher, distilled on real prompts."""
+    """The real thing, small, at the defaults (the cached signal): an 8-layer student cut from the bundled
+    SmolLM2 teacher, distilled on 8 real prompts, ends closer to its teacher on 3 held-out ones (exact KL at
+    T = 1, the float32 teacher) than it started."""
+    from transformers import AutoModelForCausalLM
+
+    from aitraining.evaluate import TeacherReference
+
     student = tmp_path / "student"
     assert main(["prune", "--model", bundled_gguf, "--num-layers", "8", "--output", str(student)]) == 0
-    rows = [json.loads(x) for x in (shared_data / "self_instruct_seed_prompts.jsonl").read_text().splitlines()[:6]]
-    data = write_jsonl(tmp_path / "real.jsonl", rows)
+    lines = (shared_data / "self_instruct_seed_prompts.jsonl").read_text().splitlines()
+    data = write_jsonl(tmp_path / "real.jsonl", [json.loads(x) for x in lines[:8]])
     project = tmp_path / "smol-distilled"
     assert main(["llm", "--train", "--model", str(student), "--teacher-model", bundled_gguf, "--data-path", data,
                  "--project-name", str(project), "--use-distillation", "--distill-max-teacher-length", "24",
-                 "--epochs", "2", "--batch-size", "3", "--lr", "1e-4", "--logging-steps", "1"]) == 0
+                 "--epochs", "2", "--batch-size", "4", "--lr", "3e-4", "--logging-steps", "1"]) == 0
     outputs = [json.loads(x) for x in (project / "teacher_outputs.jsonl").read_text().splitlines()]
-    assert len(outputs) == 6 and all(o["response"].strip() for o in outputs)
+    assert len(outputs) == 8 and all(o["response"].strip() for o in outputs)
     metrics = [json.loads(x) for x in (project / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert metrics[-1]["kd"] < metrics[0]["kd"]
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(project)
     assert model.config.num_hidden_layers == 8
+    # Held-out prompts (the last rows of the file) with the teacher's own answers to them.
+    from aitraining.data import Example
+    from aitraining.teacher import Teacher
+
+    prompts = [json.loads(x)["text"] for x in lines[-3:]]
+    heldout = tmp_path / "heldout.jsonl"
+    params = params_for(str(student), bundled_gguf, str(heldout), tmp_path / "r", mixed_precision="no",
+                        distill_max_teacher_length=24)
+    teacher = Teacher(params, torch.device("cpu"))
+    answers = teacher.generate([teacher.prompt_ids(Example(messages=[{"role": "user", "content": p}])) for p in prompts],
+                               record=False)
+    write_jsonl(heldout, [{"prompt": p, "response": teacher.tokenizer.decode(a, skip_special_tokens=True)}
+                          for p, (a, _) in zip(prompts, answers, strict=True)])
+    teacher.free()
+    reference = TeacherReference(params, str(tmp_path / "r"))
+    before = reference.compare(AutoModelForCausalLM.from_pretrained(student))
+    after = reference.compare(model)
+    assert after["kl_to_teacher"] < 0.8 * before["kl_to_teacher"], (before["kl_to_teacher"], after["kl_to_teacher"])
 
 
 def test_documented_advice_is_given_as_warnings(tiny_student, tiny_teacher, prompts_file, tmp_path, caplog):
@@ -285,9 +383,9 @@ def test_repeated_rows_cost_the_teacher_once(tiny_student, tiny_teacher, tmp_pat
     seen = {"generated": 0, "scored": 0}
     real_generate, real_score = Teacher.generate, Teacher.score
 
-    def generate(self, prompts):
+    def generate(self, prompts, **kw):
         seen["generated"] += len(prompts)
-        return real_generate(self, prompts)
+        return real_generate(self, prompts, **kw)
 
     def score(self, pairs_):
         seen["scored"] += len(pairs_)
@@ -302,7 +400,52 @@ def test_repeated_rows_cost_the_teacher_once(tiny_student, tiny_teacher, tmp_pat
         params = params_for(tiny_student, tiny_teacher, path, tmp_path / name, distill_max_teacher_length=4)
         (tmp_path / name).mkdir()
         examples, _ = load_examples(params)
-        items, cache = prepare_teacher(params, examples, tok, str(tmp_path / name), torch.device("cpu"), show_progress=False)
-        assert all(it is not None and it.target_key in cache for it in items)
+        items, source = prepare_teacher(params, examples, tok, str(tmp_path / name), torch.device("cpu"), show_progress=False)
+        assert all(it is not None and it.target_key in source.cache for it in items)
     assert seen == {"generated": 2, "scored": 1}
     assert len((tmp_path / "g" / "teacher_outputs.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_changed_teacher_k_sample_count_or_temperature_never_reuses_a_cache(tiny_student, tiny_teacher, tiny_model_factory,
+                                                                             pairs_file, tmp_path, monkeypatch):
+    """Each setting the cached targets depend on names its own cache: a change scores again (into a new
+    folder), the same settings reuse what is there, and the targets served carry the new settings."""
+    from aitraining.data import load_examples
+
+    scored = {"rows": 0}
+    real_score = Teacher.score
+
+    def score(self, pairs):
+        scored["rows"] += len(pairs)
+        return real_score(self, pairs)
+
+    monkeypatch.setattr(Teacher, "score", score)
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    project = tmp_path / "p"
+    project.mkdir()
+    own_teacher = tiny_model_factory(n_layers=3, hidden=64, seed=1, path=tmp_path / "teacher")
+
+    def prepare(**kw):
+        params = params_for(tiny_student, kw.pop("teacher", own_teacher), pairs_file, project, mixed_precision="no",
+                            distill_max_teacher_length=6, **kw)
+        examples, _ = load_examples(params)
+        before = scored["rows"]
+        items, source = prepare_teacher(params, examples, tok, str(project), torch.device("cpu"), show_progress=False)
+        targets = source.cache.get(items[0].target_key)
+        return source.cache.folder, scored["rows"] - before, targets
+
+    first, n, t = prepare(distill_top_k=4, distill_tail_samples=3, distill_temperature=3.0)
+    assert n == 8 and (t.k, t.m, t.tau) == (4, 3, 3.0)
+    assert prepare(distill_top_k=4, distill_tail_samples=3, distill_temperature=3.0)[:2] == (first, 0)
+    folders = {first}
+    for changed, check in (({"distill_top_k": 5}, lambda t: t.k == 5), ({"distill_tail_samples": 2}, lambda t: t.m == 2),
+                           ({"distill_temperature": 2.0}, lambda t: t.tau == 2.0), ({"teacher": tiny_teacher}, None)):
+        settings = {"distill_top_k": 4, "distill_tail_samples": 3, "distill_temperature": 3.0, **changed}
+        folder, n, t = prepare(**settings)
+        assert folder not in folders and n == 8, changed
+        assert check is None or check(t)
+        folders.add(folder)
+    # The teacher's weights replaced in place, at the same path and size: a new cache too.
+    tiny_model_factory(n_layers=3, hidden=64, seed=2, path=tmp_path / "teacher")
+    folder, n, _ = prepare(distill_top_k=4, distill_tail_samples=3, distill_temperature=3.0)
+    assert folder not in folders and n == 8

@@ -66,10 +66,36 @@ def test_python_api_as_written(tiny_student, tiny_teacher, in_tmp):
     assert json.loads((in_tmp / "distilled-gemma" / "run.json").read_text())["status"] == "finished"
 
 
-def test_prompt_templates(tiny_student, tiny_teacher, in_tmp):
+def test_prompt_templates(tiny_student, tiny_teacher, in_tmp, monkeypatch):
+    """The documented templates reach the real sequences: the teacher wrote its answers after its template
+    (inside its chat template), the student trained on its own rendering followed by exactly those answers."""
+    from transformers import AutoTokenizer
+
+    from aitraining.objective import Objective
+    from aitraining.teacher import Teacher
     from autotrain.project import AutoTrainProject
     from autotrain.trainers.clm.params import LLMTrainingParams
 
+    prompts_seen: list[list[int]] = []
+    answers: list[list[int]] = []
+    real_generate = Teacher.generate
+
+    def generate(self, prompts, **kw):
+        prompts_seen.extend(prompts)
+        out = real_generate(self, prompts, **kw)
+        answers.extend(resp for resp, _ in out)
+        return out
+
+    rows: list[tuple[list[int], int]] = []
+    real_forward = Objective.forward
+
+    def forward(self, input_ids, attention_mask, n_prompt, teacher=None, weight=1.0):
+        for r in range(input_ids.shape[0]):
+            rows.append((input_ids[r, : int(attention_mask[r].sum())].tolist(), int(n_prompt[r])))
+        return real_forward(self, input_ids, attention_mask, n_prompt, teacher, weight)
+
+    monkeypatch.setattr(Teacher, "generate", generate)
+    monkeypatch.setattr(Objective, "forward", forward)
     params = LLMTrainingParams(
         model=tiny_student, teacher_model=tiny_teacher, data_path="./prompts.jsonl", project_name="templated",
         distill_max_teacher_length=8,
@@ -78,8 +104,17 @@ def test_prompt_templates(tiny_student, tiny_teacher, in_tmp):
         student_prompt_template="{input}",
     )
     AutoTrainProject(params=params, backend="local", process=True).create()
-    written = [json.loads(x) for x in (in_tmp / "templated" / "teacher_outputs.jsonl").read_text().splitlines()]
-    assert {w["prompt"] for w in written} == {p["text"] for p in DOC_PROMPTS}
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    chat = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+            for c in ("<|system|>You are helpful.<|user|>PROMPT<|assistant|>", "PROMPT")]
+    texts = {p["text"] for p in DOC_PROMPTS}
+    teacher_views = {tok.decode(ids) for ids in prompts_seen}
+    assert teacher_views == {chat[0].replace("PROMPT", t) for t in texts}
+    by_prompt = {tok.decode(ids): answer for ids, answer in zip(prompts_seen, answers, strict=True)}
+    assert {tok.decode(ids[:n]) for ids, n in rows} == {chat[1].replace("PROMPT", t) for t in texts}
+    for ids, n in rows:
+        user = next(t for t in texts if tok.decode(ids[:n]) == chat[1].replace("PROMPT", t))
+        assert ids[n:] == by_prompt[chat[0].replace("PROMPT", user)]  # what the teacher wrote, token for token
 
 
 @pytest.mark.parametrize("temperature", [2.0, 3.0, 4.0])

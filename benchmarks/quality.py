@@ -1,0 +1,302 @@
+"""Quality: is the distilled student closer to its teacher than the same student fine-tuned on the teacher's text?
+
+    python benchmarks/quality.py                         # every arm, seeds 0 1 2 (hours on a 2-core CPU)
+    python benchmarks/quality.py --arms baseline ours --seeds 0
+    python benchmarks/quality.py --quick --out /tmp/q.json   # tiny models, a minute (what the tests run)
+
+Setup (the issue's): the bundled teacher (SmolLM2-135M-Instruct), a student of 8 of its 30 layers
+(`aitraining prune`); training prompts: benchmarks/data/self_instruct_seed_prompts.jsonl (175); held out: the
+last 100 rows of benchmarks/data/user_oriented_prompts.jsonl. The teacher answers every prompt once, greedily,
+in float32 (at most --max-new-tokens tokens); every arm trains on the same (prompt, teacher answer) rows with
+the same epochs, batch size, learning rate, schedule and seed, through the `aitraining` command line:
+
+- baseline: no distillation, the student fine-tuned on the teacher's answers;
+- dense: the exact reference: live teacher, full-vocabulary loss, float32, no cache;
+- ours: `--use-distillation` at the documented defaults (T = 3, alpha = 0.7) and the default cache;
+- the variants in ARMS.
+
+Judge, on the held-out prompts, each student against the float32 teacher: KL(teacher || student) at T = 1 per
+token of the teacher's answers, over the full vocabulary; top-1 agreement on those tokens; ROUGE-L of the
+student's greedy answers against the teacher's (the rouge-score package). Also per arm: wall time and peak RSS
+of the training command (its own process, measured by the kernel, see _measure.py) and the cache's bytes per
+token. Each (arm, seed) run lands in --work and is reused by a rerun, so the benchmark can be resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _measure import describe_machine, format_table, measure_command, utc_now_iso, write_json  # noqa: E402
+from _setup import bundled_teacher_folder, pruned_student, tiny_models  # noqa: E402
+
+DATA = HERE / "data"
+TRAIN_PROMPTS = DATA / "self_instruct_seed_prompts.jsonl"
+HELDOUT_PROMPTS = DATA / "user_oriented_prompts.jsonl"
+N_HELDOUT = 100
+DISTILL = ("--use-distillation",)
+
+# name -> (what it is, extra flags). Every arm also gets the common budget flags (see `train_argv`).
+ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "baseline": ("no distillation: fine-tuned on the teacher's answers", ()),
+    "dense": ("exact reference: live teacher, full vocabulary, float32", (*DISTILL, "--teacher-source", "live",
+                                                                          "--mixed-precision", "no")),
+    "ours": ("--use-distillation, documented defaults", DISTILL),
+    "topk64": ("the previous cache: top-64 + one tail bucket, no samples",
+               (*DISTILL, "--distill-top-k", "64", "--distill-tail-samples", "0")),
+    "dense_bf16": ("live teacher, full vocabulary, bfloat16 (the default precision here)",
+                   (*DISTILL, "--teacher-source", "live")),
+    "ours_t1": ("defaults but T = 1", (*DISTILL, "--distill-temperature", "1")),
+    "ours_t2": ("defaults but T = 2", (*DISTILL, "--distill-temperature", "2")),
+    "ours_k64_m128": ("top-64 + 128 tail samples", (*DISTILL, "--distill-top-k", "64", "--distill-tail-samples", "128")),
+    "ours_alpha1": ("defaults but alpha = 1 (no label loss)", (*DISTILL, "--distill-alpha", "1")),
+}
+DEFAULT_ARMS = ("baseline", "dense", "ours", "topk64")
+
+
+def read_prompts(path: Path) -> list[str]:
+    return [json.loads(x)["text"] for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------ teacher answers
+
+
+def teacher_answers(teacher: str, prompts: list[str], out: Path, max_new: int, batch: int) -> list[str]:
+    """The teacher's greedy float32 answers (made once, kept in `out`)."""
+    key = hashlib.sha256(json.dumps([teacher, prompts, max_new]).encode()).hexdigest()[:16]
+    path = out.with_name(f"{out.stem}-{key}.json")
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    import torch
+    from tqdm.auto import tqdm
+
+    from aitraining.data import Example
+    from aitraining.params import LLMTrainingParams
+    from aitraining.teacher import Teacher
+
+    params = LLMTrainingParams(model=teacher, teacher_model=teacher, data_path="-", use_distillation=True,
+                               mixed_precision="no", distill_max_teacher_length=max_new)
+    t = Teacher(params, torch.device("cpu"))
+    ids = [t.prompt_ids(Example(messages=[{"role": "user", "content": p}])) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    answers: list[str] = [""] * len(ids)
+    for s in tqdm(range(0, len(order), batch), desc="teacher answers", unit="batch"):
+        chunk = order[s : s + batch]
+        for i, (resp, _) in zip(chunk, t.generate([ids[i] for i in chunk], record=False), strict=True):
+            answers[i] = t.tokenizer.decode(resp, skip_special_tokens=True)
+    path.write_text(json.dumps(answers, ensure_ascii=False), encoding="utf-8")
+    return answers
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def train_argv(arm: str, student: str, teacher: str, data: str, project: Path, seed: int, args: argparse.Namespace) -> list[str]:
+    cli = str(Path(sys.executable).parent / "aitraining")
+    return [cli, "llm", "--train", "--model", student, "--teacher-model", teacher, "--data-path", data,
+            "--project-name", str(project), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+            "--lr", str(args.lr), "--seed", str(seed), "--warmup-ratio", "0.1", "--logging-steps", "10",
+            # Answers hold at most max_new tokens plus the EOS that every arm appends.
+            "--distill-max-teacher-length", str(args.max_new_tokens + 1), *ARMS[arm][1]]
+
+
+def train_arm(arm: str, seed: int, student: str, teacher: str, data: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one (arm, seed) in its own process, or reuse a finished run of the same command."""
+    project = work / "runs" / f"{arm}-seed{seed}"
+    argv = train_argv(arm, student, teacher, data, project, seed, args)
+    record = project / "bench.json"
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved.get("argv") == argv:
+            return saved
+    shutil.rmtree(project, ignore_errors=True)
+    print(f"training {arm} (seed {seed}) ...", flush=True)
+    teacher_env = {**os.environ, "TQDM_DISABLE": "1"}
+    res = measure_command(argv, env=teacher_env)
+    if res.returncode != 0:
+        raise SystemExit(f"{arm} seed {seed} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    final = json.loads((project / "run.json").read_text())["final_metrics"]
+    saved = {"argv": argv, "wall_s": round(res.wall_s, 2), "cpu_s": round((res.user_s or 0) + (res.sys_s or 0), 2),
+             "peak_rss_mib": round(res.peak_rss_mib or 0, 1), "final": final}
+    record.write_text(json.dumps(saved, indent=2))
+    return saved
+
+
+# ---------------------------------------------------------------------------------------------------- judge
+
+
+def make_judge(teacher: str, student: str, data: str, work: Path):
+    """The exact teacher on its held-out answers (aitraining.evaluate.TeacherReference), and a function that
+    compares a trained student folder to it."""
+    from aitraining import models
+    from aitraining.evaluate import TeacherReference
+    from aitraining.params import LLMTrainingParams
+
+    params = LLMTrainingParams(model=student, teacher_model=teacher, data_path=data, use_distillation=True,
+                               distill_max_teacher_length=1024, project_name=str(work / "judge"))
+    reference = TeacherReference(params, str(work / "judge"))
+
+    def judge(folder: str) -> dict[str, Any]:
+        model = models.load_causal_lm(folder)
+        got = reference.compare(model)
+        return {"kl_t1": got["kl_to_teacher"], "top1": got["top1_agreement"], "ce": got["ce"], "rouge_l": got["rouge_l"],
+                "n_tokens": got["n_tokens"],
+                "samples": [{"teacher": t, "student": a} for t, a in zip(reference.answers[:3], got["answers"][:3], strict=True)]}
+
+    return judge
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarize(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Per arm: mean / min / max / std over seeds of every figure, and ratios to the baseline and the dense
+    reference (per seed, then their spread: the seeds pair up, they share the data order)."""
+    out: dict[str, Any] = {}
+    for arm, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        row: dict[str, Any] = {"seeds": seeds, "what": ARMS[arm][0]}
+        for name in ("kl_t1", "top1", "rouge_l", "ce"):
+            row[name] = spread([by_seed[s]["judge"][name] for s in seeds])
+        for name in ("wall_s", "cpu_s", "peak_rss_mib"):
+            row[name] = spread([by_seed[s][name] for s in seeds])
+        bpt = {by_seed[s]["final"].get("teacher_cache_bytes_per_token") for s in seeds}
+        row["cache_bytes_per_token"] = bpt.pop() if len(bpt) == 1 else sorted(x for x in bpt if x)
+        for ref in ("baseline", "dense"):
+            if ref in runs and ref != arm:
+                common = [s for s in seeds if s in runs[ref]]
+                if common:
+                    row[f"kl_vs_{ref}"] = spread([by_seed[s]["judge"]["kl_t1"] / runs[ref][s]["judge"]["kl_t1"] for s in common])
+                    row[f"wall_vs_{ref}"] = spread([by_seed[s]["wall_s"] / runs[ref][s]["wall_s"] for s in common])
+                    row[f"rouge_minus_{ref}"] = spread([by_seed[s]["judge"]["rouge_l"] - runs[ref][s]["judge"]["rouge_l"]
+                                                        for s in common])
+        out[arm] = row
+    return out
+
+
+def targets(summary: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets for `ours`, on the seed means (and whether they hold on every seed)."""
+    ours = summary.get("ours")
+    if not ours or "kl_vs_baseline" not in ours or "kl_vs_dense" not in ours:
+        return {}
+    bpt = ours["cache_bytes_per_token"]
+    checks = {
+        "kl_at_most_0.72x_baseline": ours["kl_vs_baseline"]["mean"] <= 0.72,
+        "kl_at_most_0.72x_baseline_every_seed": ours["kl_vs_baseline"]["max"] <= 0.72,
+        "rouge_above_baseline": ours["rouge_minus_baseline"]["mean"] > 0,
+        "rouge_above_baseline_every_seed": ours["rouge_minus_baseline"]["min"] > 0,
+        "kl_within_3pct_of_dense": ours["kl_vs_dense"]["mean"] <= 1.03,
+        "kl_within_3pct_of_dense_every_seed": ours["kl_vs_dense"]["max"] <= 1.03,
+        "wall_at_most_0.5x_dense": ours["wall_vs_dense"]["mean"] <= 0.5,
+        "cache_at_most_1kb_per_token": isinstance(bpt, int) and bpt <= 1024,
+    }
+    return checks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="longest teacher answer")
+    ap.add_argument("--work", default=str(HERE / ".work" / "quality"), help="runs and teacher answers (reused)")
+    ap.add_argument("--out", default=str(HERE / "results" / "quality.json"))
+    ap.add_argument("--quick", action="store_true", help="tiny models, 12 + 6 prompts, one epoch: for the tests")
+    args = ap.parse_args()
+    work = Path(args.work)
+    if args.quick:
+        work = work / "quick"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        teacher, student = tiny_models(work)
+        train_prompts, heldout_prompts = read_prompts(TRAIN_PROMPTS)[:12], read_prompts(HELDOUT_PROMPTS)[-6:]
+        args.epochs, args.max_new_tokens = 1, 8
+        args.seeds = args.seeds[:1]
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        teacher = bundled_teacher_folder()
+        student = pruned_student(teacher, work / "student-8-layers")
+        train_prompts, heldout_prompts = read_prompts(TRAIN_PROMPTS), read_prompts(HELDOUT_PROMPTS)[-N_HELDOUT:]
+    train_answers = teacher_answers(teacher, train_prompts, work / "answers-train.json", args.max_new_tokens, 16)
+    heldout_answers = teacher_answers(teacher, heldout_prompts, work / "answers-heldout.json", args.max_new_tokens, 16)
+    train_data = write_jsonl(work / "train_pairs.jsonl",
+                             [{"prompt": p, "response": a} for p, a in zip(train_prompts, train_answers, strict=True)])
+    heldout_data = write_jsonl(work / "heldout_pairs.jsonl",
+                               [{"prompt": p, "response": a} for p, a in zip(heldout_prompts, heldout_answers, strict=True)])
+    judge = make_judge(teacher, student, heldout_data, work)
+    key = hashlib.sha256((Path(heldout_data).read_text() + student + teacher).encode()).hexdigest()[:16]
+    untrained_path = work / "judge" / f"untrained-{key}.json"
+    if not untrained_path.exists():
+        untrained_path.write_text(json.dumps(judge(student), indent=2, ensure_ascii=False))
+    untrained = json.loads(untrained_path.read_text())
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    result: dict[str, Any] = {}
+    for seed in args.seeds:
+        for arm in args.arms:
+            rec = train_arm(arm, seed, student, teacher, train_data, work, args)
+            judged = work / "runs" / f"{arm}-seed{seed}" / "judge.json"
+            if not judged.exists():
+                judged.write_text(json.dumps(judge(str(judged.parent)), indent=2, ensure_ascii=False))
+            rec["judge"] = json.loads(judged.read_text())
+            runs.setdefault(arm, {})[seed] = rec
+            j = rec["judge"]
+            print(f"  {arm:14s} seed {seed}: KL {j['kl_t1']:.3f}  top-1 {j['top1']:.3f}  ROUGE-L {j['rouge_l']:.3f}  "
+                  f"wall {rec['wall_s']:.0f} s  peak {rec['peak_rss_mib']:.0f} MiB", flush=True)
+            summary = summarize(runs)
+            result = {
+                "benchmark": "quality",
+                "date": utc_now_iso(),
+                "machine": describe_machine(),
+                "setup": {"quick": args.quick, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                          "seeds": args.seeds, "max_new_tokens": args.max_new_tokens,
+                          "train": f"{TRAIN_PROMPTS.name} ({len(train_prompts)} prompts)",
+                          "heldout": f"last {len(heldout_prompts)} of {HELDOUT_PROMPTS.name}",
+                          "teacher": "tiny Llama (4 layers)" if args.quick else "SmolLM2-135M-Instruct (bundled)",
+                          "student": "tiny Llama (2 layers)" if args.quick else "8 of the teacher's 30 layers",
+                          "judge": "float32 teacher; KL at T=1 over the full vocabulary on its greedy answers"},
+                "untrained_student": {k: v for k, v in untrained.items() if k != "samples"},
+                "arms": summary,
+                "targets_for_ours": targets(summary),
+                "runs": {a: {str(s): r for s, r in v.items()} for a, v in runs.items()},
+            }
+            write_json(args.out, result)
+    rows = []
+    for arm, row in result["arms"].items():
+        rows.append([arm, f"{row['kl_t1']['mean']:.3f} ({row['kl_t1']['min']:.3f}-{row['kl_t1']['max']:.3f})",
+                     f"{row.get('kl_vs_baseline', {}).get('mean', 1.0):.3f}",
+                     f"{row.get('kl_vs_dense', {}).get('mean', 1.0):.3f}" if arm != "dense" else "1.000",
+                     f"{row['top1']['mean']:.3f}", f"{row['rouge_l']['mean']:.3f}",
+                     f"{row['wall_s']['mean']:.0f}", f"{row['peak_rss_mib']['mean']:.0f}", row["cache_bytes_per_token"]])
+    print(f"untrained student: KL {untrained['kl_t1']:.3f}, ROUGE-L {untrained['rouge_l']:.3f}")
+    print(format_table(["arm", "KL T=1 (min-max)", "x baseline", "x dense", "top-1", "ROUGE-L", "wall s", "peak MiB",
+                        "cache B/token"], rows))
+    for name, ok in result["targets_for_ours"].items():
+        print(f"  {name}: {'met' if ok else 'NOT met'}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
