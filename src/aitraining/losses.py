@@ -443,8 +443,8 @@ def teacher_divergence(
     """D(teacher_T || student_T) per position, (N,) float32, for either form of the teacher.
 
     - `DenseTargets`: over the full vocabulary (exact).
-    - `TeacherTargets`, forward KL at T = tau with samples: ``KL(p_hat || p_s)`` where ``p_hat`` is the
-      sampled estimate of the tempered teacher (`TeacherTargets.atom_log_weights`); its gradient is unbiased.
+    - `TeacherTargets`, forward KL at T = tau with samples: the buckets exactly plus the sampled estimate of
+      the tail's KL (`_sampled_forward_kl`).
     - `TeacherTargets` otherwise: over the k + 1 buckets (head ids and one tail bucket; exact tail mass).
 
     See Note [Teacher signal].
@@ -614,8 +614,9 @@ class _FusedLinearLoss(torch.autograd.Function):
                 grad_b += grad_z.float().sum(0)
             sums += torch.stack([loss.detach(), kd.detach(), ce.detach()])
             del z, grad_z, loss
-        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
-        ctx.needs = (need_h, need_w, need_b)
+        # Kept on ctx rather than saved (they are intermediates, not inputs or outputs) so that backward can
+        # drop them: scaled in place and handed over, each is the only copy (a weight-sized one for the head).
+        ctx.grads = [grad_h, grad_w, grad_b]
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         kd_sum, ce_sum = sums[1].clone(), sums[2].clone()
         ctx.mark_non_differentiable(kd_sum, ce_sum)  # logged only; the gradient is loss_sum's
@@ -623,10 +624,11 @@ class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g_loss: Tensor, g_kd: Tensor, g_ce: Tensor) -> tuple[Tensor | None, ...]:
-        saved = iter(ctx.saved_tensors)
-        out: list[Tensor | None] = []
-        for need, dtype in zip(ctx.needs, ctx.dtypes, strict=True):
-            out.append((next(saved) * g_loss).to(dtype) if need else None)
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("the fused loss was already backpropagated; its gradients are freed after one backward")
+        out = [None if g is None else g.mul_(g_loss).to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)]
+        grads.clear()
         return (None, None, None, *out)
 
 
