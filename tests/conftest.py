@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -85,6 +86,33 @@ def smol_tokenizer_dir(bundled_gguf: str, tmp_path_factory: pytest.TempPathFacto
     target = tmp_path_factory.mktemp("smol-tokenizer")
     shutil.copytree(cached, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".complete"))
     return str(target)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers(smol_tokenizer_dir: str) -> dict[str, Any]:
+    """Real tokenizers of other model families, by name (tests/fetch_vocabularies.py), and the bundled one.
+
+    Read from llama.cpp's vocabulary-only GGUF files that `make test` fetched from the package registry into the
+    virtual environment; converted once (about 40 s) and cached like the bundled teacher's tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    from fetch_vocabularies import VOCABULARIES, default_dest
+
+    folder = default_dest()
+    if not (folder / ".complete").is_file():
+        pytest.fail(f"the test vocabularies are missing from {folder}: run `make test`, or "
+                    "`python tests/fetch_vocabularies.py` once")
+    out: dict[str, Any] = {"smollm2": AutoTokenizer.from_pretrained(smol_tokenizer_dir)}
+    for name in VOCABULARIES:
+        gguf = str(folder / f"ggml-vocab-{name}.gguf")
+
+        def build(target: Path, gguf: str = gguf) -> None:
+            tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+            tok.save_pretrained(str(target))
+
+        out[name] = AutoTokenizer.from_pretrained(str(_cached_build(f"vocab-{name}", gguf, build)))
+    return out
 
 
 @pytest.fixture(scope="session")

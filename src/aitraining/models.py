@@ -510,15 +510,6 @@ def apply_lora(
         ) from error
 
 
-def compare_vocabularies(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase) -> str:
-    """Return ``"same"`` when both tokenizers map every token string to the same id, else ``"different"``.
-
-    Only the token-to-id maps are compared: a model's ``config.vocab_size`` may be larger than its
-    tokenizer because embedding rows are padded, and that does not change which id a token gets.
-    """
-    return "same" if student_tok.get_vocab() == teacher_tok.get_vocab() else "different"
-
-
 # ------------------------------------------------------------------------------------------------ generation
 
 

@@ -360,13 +360,14 @@ class LiveTeacher:
 
 
 def check_same_vocabulary(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
-    """Teacher and student must map every token string to the same id (padded embedding rows aside)."""
-    from aitraining import models
+    """Teacher and student must give every token the same id and split text alike (`align.match_tokenizers`)."""
+    from aitraining.align import match_tokenizers
 
-    if models.compare_vocabularies(student_tokenizer, teacher_tokenizer) != "same":
+    verdict = match_tokenizers(student_tokenizer, teacher_tokenizer)
+    if not verdict.same:
         raise UserError(
-            "--teacher-model has a different tokenizer than --model: distillation needs the same vocabulary "
-            "for now (cross-tokenizer distillation is a planned option); pick a teacher of the same family"
+            f"--teacher-model has a different tokenizer than --model ({verdict.reason}): distillation needs the "
+            "same tokenizer for now (cross-tokenizer distillation is a planned option); pick a teacher of the same family"
         )
 
 

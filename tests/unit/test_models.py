@@ -15,7 +15,6 @@ from aitraining.errors import UserError
 from aitraining.models import (
     ModelSource,
     apply_lora,
-    compare_vocabularies,
     count_parameters,
     depth_prune,
     kept_layer_indices,
@@ -433,12 +432,14 @@ def test_prune_to_folder_refuses_file_output(tiny6_dir: str, tmp_path: Path) -> 
 # --- vocabularies, LoRA, parameter counts -----------------------------------------------------------
 
 
-def test_compare_vocabularies(smol_tokenizer_dir: str) -> None:
+def test_an_added_token_makes_a_different_tokenizer(smol_tokenizer_dir: str) -> None:
+    from aitraining.align import match_tokenizers
+
     first = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
     second = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
-    assert compare_vocabularies(first, second) == "same"
+    assert match_tokenizers(first, second).same
     second.add_tokens(["<aitraining-extra-token>"])
-    assert compare_vocabularies(first, second) == "different"
+    assert not match_tokenizers(first, second).same
 
 
 @pytest.mark.parametrize("targets", ["q_proj,v_proj", " q_proj , v_proj ", ["q_proj", "v_proj"]])

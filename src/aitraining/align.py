@@ -1,0 +1,192 @@
+"""Teachers and students with different tokenizers: how to tell, and which tokens cover the same text.
+
+Two tokenizers are *the same* when they give every token string the same id and split text the same way; the
+vocabulary alone is not enough (a tokenizer can share another's vocabulary and differ in its normalizer or
+pre-tokenizer, and then the teacher's position i is not the student's). `match_tokenizers` decides from the
+tokenizers themselves, never from model names, and says why.
+
+When they differ, a response is tokenized by both, and the tokens are aligned by the characters they cover
+(offset mappings): see Note [Span alignment].
+"""
+
+from __future__ import annotations
+
+import bisect
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# Text that tokenizers are known to split differently: whitespace runs, digits, accents, emoji, CJK, code.
+PROBE_TEXTS = (
+    "Hello  world!\n\nThe year 2026 had 365 days; 3.14159 is pi.",
+    "  leading spaces, trailing tabs\t\t and\r\nwindows lines  ",
+    "naïve café, Ünïcödé, ß, İstanbul, ﬁ ligature, e\u0301 combining",
+    "emoji 🙂👍🏽 👨‍👩‍👧 and 日本語のテキスト, 中文, 한국어",
+    "def f(x):\n    return x ** 2  # comment\n",
+)
+
+
+@dataclass(frozen=True)
+class TokenizerMatch:
+    same: bool
+    reason: str
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def match_tokenizers(student: Any, teacher: Any) -> TokenizerMatch:
+    """Whether the teacher's token ids mean what the student's mean, with the reason in words.
+
+    Same token-to-id map and the same ids for every probe text: the same. A model's ``config.vocab_size`` may
+    exceed its tokenizer's (padded embedding rows); that does not change which id a token gets.
+    """
+    s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
+    if s_vocab != t_vocab:
+        same_id = sum(1 for tok, i in s_vocab.items() if t_vocab.get(tok) == i)
+        return TokenizerMatch(False, f"different vocabularies: the student's has {len(s_vocab):,} tokens, the "
+                                     f"teacher's {len(t_vocab):,}, and {same_id:,} token strings have the same id in both")
+    for text in PROBE_TEXTS:
+        if _ids(student, text) != _ids(teacher, text):
+            return TokenizerMatch(False, f"the same {len(s_vocab):,}-token vocabulary, but they split {text[:40]!r} "
+                                         "differently (another normalizer or pre-tokenizer)")
+    return TokenizerMatch(True, f"the same {len(s_vocab):,}-token vocabulary and the same splits of the probe texts")
+
+
+# Note [Span alignment]
+# ~~~~~~~~~~~~~~~~~~~~~
+# Each token is given the characters up to the right edge of its offset span: token i covers
+# (end[i-1], end[i]]. Only right edges are used because tokenizers disagree about left edges (some trim the
+# leading space out of a token's offsets, others keep it, SentencePiece's "▁" may or may not count), while the
+# right edge is where the token's text ends for all of them. Edges are made non-decreasing.
+#
+# Byte-level tokenizers may cut one character into several tokens; every piece then reports the whole
+# character's span, so its right edge is the character's end although its bytes stop inside it. Such a token
+# is *cut*: the next token starts before its right edge. A cut edge is never a boundary (the next token holds
+# the rest of the character), and the next token also covers that character.
+#
+# A *group* is a shortest run of student tokens and a run of teacher tokens that end at the same character:
+# the boundaries of the groups are exactly the uncut right edges that both tokenizations have (tokens that
+# add no character stay with the group before). Where the two split the text the same way a group is one
+# token against one token (the common case for shared words); elsewhere it is m tokens against n covering the
+# same characters, and the loss compares the two sides as spans. `covering` gives, for one student token, the
+# teacher tokens whose characters overlap its own.
+
+
+@dataclass(frozen=True)
+class Edges:
+    """Right edge of every token's characters (non-decreasing) and which tokens end inside a character."""
+
+    ends: tuple[int, ...]
+    cut: frozenset[int] = frozenset()
+
+    @classmethod
+    def from_offsets(cls, offsets: Sequence[tuple[int, int]], length: int | None = None) -> Edges:
+        """From a fast tokenizer's offset mapping; ``length`` (the text's) extends the last edge over trailing
+        characters that a tokenizer left out of its offsets."""
+        ends: list[int] = []
+        last = 0
+        for _, end in offsets:
+            last = max(last, int(end))
+            ends.append(last)
+        cut = frozenset(i for i in range(len(offsets) - 1) if int(offsets[i + 1][0]) < ends[i])
+        if ends and length is not None:
+            ends[-1] = max(ends[-1], length)
+        return cls(tuple(ends), cut)
+
+    def chars(self, i: int) -> tuple[int, int]:
+        """The characters ``[start, end)`` that token ``i`` covers, or holds part of."""
+        start = self.ends[i - 1] if i else 0
+        if i - 1 in self.cut or start == self.ends[i]:
+            start -= 1  # it holds the rest (or another piece) of the character before its edge
+        return max(start, 0), self.ends[i]
+
+    def boundaries(self) -> dict[int, int]:
+        """Character position -> number of tokens before it, for every edge a group may end at."""
+        out: dict[int, int] = {}
+        for i, end in enumerate(self.ends):
+            if i not in self.cut and (i + 1 == len(self.ends) or self.ends[i + 1] > end):
+                out[end] = i + 1
+        return out
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Groups of student and teacher tokens covering the same characters (Note [Span alignment]).
+
+    ``groups[g] = (s0, s1, t0, t1)``: student tokens ``s0:s1`` and teacher tokens ``t0:t1`` cover the same
+    text; groups are in order and partition both token lists.
+    """
+
+    groups: tuple[tuple[int, int, int, int], ...]
+    student: Edges
+    teacher: Edges
+
+    @property
+    def one_to_one(self) -> int:
+        """How many groups are one student token against one teacher token."""
+        return sum(1 for s0, s1, t0, t1 in self.groups if s1 - s0 == 1 and t1 - t0 == 1)
+
+    def covering(self, i: int) -> range:
+        """The teacher tokens whose characters overlap student token ``i``'s (never empty)."""
+        start, end = self.student.chars(i)
+        ends = self.teacher.ends
+        lo = bisect.bisect_right(ends, start)  # the first teacher token ending after `start`
+        hi = lo
+        while hi + 1 < len(ends) and self.teacher.chars(hi + 1)[0] < end:  # and each one starting before `end`
+            hi += 1
+        return range(lo, hi + 1)
+
+
+def align_edges(student: Edges, teacher: Edges) -> Alignment:
+    """Group two tokenizations of one text at the boundaries they share (Note [Span alignment]).
+
+    Both must end at the same character (the end of the text); raises ValueError otherwise.
+    """
+    if not student.ends or not teacher.ends:
+        if student.ends or teacher.ends:
+            raise ValueError("one tokenization is empty and the other is not")
+        return Alignment((), student, teacher)
+    if student.ends[-1] != teacher.ends[-1]:
+        raise ValueError(f"the tokenizations cover different text: {student.ends[-1]} vs {teacher.ends[-1]} characters")
+    s_at, t_at = student.boundaries(), teacher.boundaries()
+    groups: list[tuple[int, int, int, int]] = []
+    s0 = t0 = 0
+    for pos in sorted(s_at.keys() & t_at.keys()):
+        groups.append((s0, s_at[pos], t0, t_at[pos]))
+        s0, t0 = s_at[pos], t_at[pos]
+    return Alignment(tuple(groups), student, teacher)
+
+
+def align_ends(student_ends: Sequence[int], teacher_ends: Sequence[int]) -> Alignment:
+    """`align_edges` for tokens that never cut a character."""
+    return align_edges(Edges(tuple(student_ends)), Edges(tuple(teacher_ends)))
+
+
+def tokenize_with_edges(tokenizer: Any, text: str) -> tuple[list[int], Edges]:
+    """Token ids of ``text`` (no special tokens) and the edges of their characters.
+
+    Needs a fast tokenizer (offset mappings); the slow ones cannot say which characters a token covers.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer: character offsets are needed to align "
+                         "two vocabularies; save the model's tokenizer.json (tokenizers library) beside it")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    edges = Edges.from_offsets(enc["offset_mapping"], len(text))
+    if edges.ends and max(e for _, e in enc["offset_mapping"]) < len(text.rstrip()):
+        raise ValueError(f"{type(tokenizer).__name__} offsets do not reach the end of the text")
+    return list(enc["input_ids"]), edges
+
+
+def align_text(student: Any, teacher: Any, text: str) -> tuple[list[int], list[int], Alignment]:
+    """Tokenize ``text`` with both tokenizers and align the tokens by character spans.
+
+    The text is put in Unicode NFC first: a tokenizer whose normalizer composes characters (``e`` + combining
+    accent into ``é``) maps the composed token's offsets to the first of them only, which would misplace an edge.
+    """
+    text = unicodedata.normalize("NFC", text)
+    s_ids, s_edges = tokenize_with_edges(student, text)
+    t_ids, t_edges = tokenize_with_edges(teacher, text)
+    return s_ids, t_ids, align_edges(s_edges, t_edges)

@@ -1,0 +1,181 @@
+"""Teachers and students with different tokenizers: detection, and alignment of tokens by character spans.
+
+Real tokenizers of four families (the bundled SmolLM2 BPE, Llama 3's byte-level BPE, Llama 2's SentencePiece,
+Qwen2's BPE with an NFC normalizer) and two trained here with other vocabularies and merges (byte-level BPE,
+SentencePiece-style BPE that splits digits), over text that they split very differently. The alignment is
+checked against a naive reference that knows nothing of offsets: the places where decoding a prefix of each
+tokenization gives the same text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import unicodedata
+from typing import Any
+
+import pytest
+
+from aitraining.align import PROBE_TEXTS, Edges, align_edges, align_ends, align_text, match_tokenizers
+
+TEXTS = [
+    *PROBE_TEXTS,
+    "🌟🌟🌟🌟🌟 I'm just a friendly AI designed to make people laugh. 🌟",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaa bbbbbbbbbbbb 1234567890123456789 0.000001 1e-9 -42",
+    "Ελληνικά и русский текст — “quotes” … ‘single’ «guillemets» العربية हिन्दी",
+    "https://example.com/a/b?c=1&d=%20x user@example.org C:\\Windows\\path",
+    "tabs\tand\u00a0no-break\u2003em space\u200bzero width\n\n\n\nfour newlines",
+    "!!!???... ---- ==== **** #### ````",
+    "e\u0301 decomposed and \u00e9 composed, Hangul \u1100\u1161 jamo",
+]
+LEADING_SPACE = ["  two leading spaces", "\n\nnewlines first", " one"]
+
+
+def _trained_tokenizers() -> dict[str, Any]:
+    """Two tokenizers trained here, on text holding every character of TEXTS (no unknown tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [unicodedata.normalize(form, t) for t in [*TEXTS, *LEADING_SPACE] for form in ("NFC", "NFD")] * 3 + ["the quick brown fox jumps over the lazy dog " * 4]
+    out: dict[str, Any] = {}
+
+    bytelevel = Tokenizer(models.BPE())
+    bytelevel.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bytelevel.decoder = decoders.ByteLevel()
+    bytelevel.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=420, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    out["trained-bytelevel"] = PreTrainedTokenizerFast(tokenizer_object=bytelevel)
+
+    spm = Tokenizer(models.BPE())
+    spm.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True)])
+    spm.decoder = decoders.Metaspace()
+    spm.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=700, show_progress=False))
+    out["trained-metaspace"] = PreTrainedTokenizerFast(tokenizer_object=spm)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizers(real_tokenizers: dict[str, Any]) -> dict[str, Any]:
+    return {**real_tokenizers, **_trained_tokenizers()}
+
+
+LOSSLESS = {"smollm2", "llama-bpe", "qwen2", "trained-bytelevel"}  # decode(encode(text)) == text
+
+
+def _decoded(tok: Any, ids: list[int]) -> str:
+    return tok.decode(ids, clean_up_tokenization_spaces=False)
+
+
+def _naive_groups(s_tok: Any, s_ids: list[int], t_tok: Any, t_ids: list[int]) -> list[tuple[int, int, int, int]]:
+    """Where a prefix of each tokenization decodes to the same text (a partial character never counts)."""
+    def prefixes(tok: Any, ids: list[int]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for a in range(1, len(ids) + 1):
+            text = _decoded(tok, ids[:a]).lstrip()
+            if "\ufffd" not in text:
+                out[text] = a  # the longest prefix: pieces that add no text belong to the group before
+        return out
+
+    s_pre, t_pre = prefixes(s_tok, s_ids), prefixes(t_tok, t_ids)
+    common = sorted((a, t_pre[text]) for text, a in s_pre.items() if text in t_pre)
+    groups, last = [], (0, 0)
+    for a, b in common:
+        groups.append((last[0], a, last[1], b))
+        last = (a, b)
+    return groups
+
+
+PAIRS = list(itertools.combinations(
+    ["smollm2", "llama-bpe", "llama-spm", "qwen2", "trained-bytelevel", "trained-metaspace"], 2))
+
+
+@pytest.mark.parametrize(("student", "teacher"), PAIRS)
+def test_groups_equal_the_naive_prefix_reference(tokenizers: dict[str, Any], student: str, teacher: str) -> None:
+    s_tok, t_tok = tokenizers[student], tokenizers[teacher]
+    differently_split = 0
+    for text in TEXTS:
+        s_ids, t_ids, al = align_text(s_tok, t_tok, text)
+        assert list(al.groups) == _naive_groups(s_tok, s_ids, t_tok, t_ids), text
+        assert s_ids == list(s_tok(unicodedata.normalize("NFC", text), add_special_tokens=False)["input_ids"])
+        differently_split += len(al.groups) - al.one_to_one
+    assert differently_split > 0  # the pairs do split these texts differently somewhere
+
+
+@pytest.mark.parametrize(("student", "teacher"), [p for p in PAIRS if set(p) <= LOSSLESS])
+def test_every_group_edge_is_where_both_decodings_reach_the_same_text(
+    tokenizers: dict[str, Any], student: str, teacher: str
+) -> None:
+    s_tok, t_tok = tokenizers[student], tokenizers[teacher]
+    for text in [*TEXTS, *LEADING_SPACE]:
+        text = unicodedata.normalize("NFC", text)
+        s_ids, t_ids, al = align_text(s_tok, t_tok, text)
+        assert al.groups[-1][1] == len(s_ids) and al.groups[-1][3] == len(t_ids)
+        for s0, s1, t0, t1 in al.groups:
+            assert s0 < s1 and t0 < t1
+            edge = al.student.ends[s1 - 1]
+            assert edge == al.teacher.ends[t1 - 1]
+            assert _decoded(s_tok, s_ids[:s1]) == text[:edge] == _decoded(t_tok, t_ids[:t1])
+
+
+def _chars(edges: Edges, j: int) -> set[int]:
+    start = edges.ends[j - 1] if j else 0
+    own = set(range(start, edges.ends[j])) or {edges.ends[j] - 1}  # a later byte piece: its character
+    return own | ({start - 1} if j - 1 in edges.cut else set())  # the rest of a character cut before it
+
+
+@pytest.mark.parametrize(("student", "teacher"), PAIRS)
+def test_covering_is_every_teacher_token_sharing_a_character(tokenizers: dict[str, Any], student: str, teacher: str) -> None:
+    for text in [*TEXTS, *LEADING_SPACE]:
+        s_ids, t_ids, al = align_text(tokenizers[student], tokenizers[teacher], text)
+        for i in range(len(s_ids)):
+            mine = _chars(al.student, i)
+            naive = [j for j in range(len(t_ids)) if mine & _chars(al.teacher, j)]
+            assert list(al.covering(i)) == naive, (text, i)
+
+
+def test_align_ends_by_hand() -> None:
+    # "internationalization": student in-ter-national-ization, teacher inter-nation-alization.
+    al = align_ends([2, 5, 13, 20], [5, 11, 20])
+    assert al.groups == ((0, 2, 0, 1), (2, 4, 1, 3))
+    assert al.one_to_one == 0
+    assert list(al.covering(2)) == [1, 2] and list(al.covering(0)) == [0]
+    # "éa" with "é" cut into two byte tokens against one token each: the cut edge is no boundary.
+    cut = Edges.from_offsets([(0, 1), (0, 1), (1, 2)])
+    assert cut.ends == (1, 1, 2) and cut.cut == {0}
+    al = align_edges(cut, Edges((1, 2)))
+    assert al.groups == ((0, 2, 0, 1), (2, 3, 1, 2))
+    assert list(al.covering(1)) == [0]
+    # "éa" as [é-byte-1] [é-byte-2 + a] against [é] [a]: one group of everything.
+    al = align_edges(Edges.from_offsets([(0, 1), (0, 2)]), Edges((1, 2)))
+    assert al.groups == ((0, 2, 0, 2),)
+    assert list(al.covering(1)) == [0, 1]
+    # Offsets that go back (a token of no text inside the response) keep the edges non-decreasing.
+    assert Edges.from_offsets([(0, 3), (0, 0), (3, 5)]).ends == (3, 3, 5)
+    assert align_ends([], []).groups == ()
+    with pytest.raises(ValueError, match="different text"):
+        align_ends([3], [4])
+
+
+def test_detection_from_the_tokenizers_not_the_names(tokenizers: dict[str, Any], smol_tokenizer_dir: str) -> None:
+    from transformers import AutoTokenizer
+
+    same = match_tokenizers(tokenizers["smollm2"], AutoTokenizer.from_pretrained(smol_tokenizer_dir))
+    assert same.same and "49,152" in same.reason
+    other = match_tokenizers(tokenizers["smollm2"], tokenizers["llama-bpe"])
+    assert not other.same and "49,152" in other.reason and f"{len(tokenizers['llama-bpe'].get_vocab()):,}" in other.reason
+    # The same vocabulary with another pre-tokenizer (digits one by one) is not the same tokenizer.
+    from tokenizers import pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = tokenizers["trained-bytelevel"].backend_tokenizer
+    changed = type(backend).from_str(backend.to_str())
+    changed.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), changed.pre_tokenizer])
+    verdict = match_tokenizers(tokenizers["trained-bytelevel"], PreTrainedTokenizerFast(tokenizer_object=changed))
+    assert not verdict.same and "split" in verdict.reason
+
+
+def test_a_slow_tokenizer_is_refused_with_the_fix(tokenizers: dict[str, Any]) -> None:
+    class Slow:
+        is_fast = False
+
+    with pytest.raises(ValueError, match="not a fast tokenizer.*tokenizer.json"):
+        align_text(Slow(), tokenizers["smollm2"], "text")
