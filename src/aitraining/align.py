@@ -12,6 +12,8 @@ When they differ, a response is tokenized by both, and the tokens are aligned by
 from __future__ import annotations
 
 import bisect
+import json
+import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -190,3 +192,78 @@ def align_text(student: Any, teacher: Any, text: str) -> tuple[list[int], list[i
     s_ids, s_edges = tokenize_with_edges(student, text)
     t_ids, t_edges = tokenize_with_edges(teacher, text)
     return s_ids, t_ids, align_edges(s_edges, t_edges)
+
+
+# ------------------------------------------------------------------------------------- shared vocabulary
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character for every byte -> that byte.
+
+    Bytes that print as themselves (and are not blank) keep their own character; the other 68 are given the
+    characters 256, 257, ... in byte order, so that every token is a printable string.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = set(printable)
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def token_bytes(tokenizer: Any) -> list[bytes | None]:
+    """The text each token id stands for, as UTF-8 bytes (a byte-level piece may be part of a character);
+    ``None`` for special tokens and for pieces this cannot read.
+
+    Two conventions cover the causal LMs in use: byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM: every byte
+    written as a printable character) and SentencePiece-style pieces (Llama 2, Gemma: "▁" for a space, and
+    byte-fallback pieces "<0xNN>"). The convention is read from the tokenizer's decoder.
+    """
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    decoder = spec.get("decoder") or {}
+    kinds = {d.get("type") for d in [decoder, *decoder.get("decoders", [])]}
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
+    out: list[bytes | None] = []
+    if "ByteLevel" in kinds:
+        alphabet = _byte_level_alphabet()
+        for i, piece in enumerate(pieces):
+            if i in special or piece is None or any(c not in alphabet for c in piece):
+                out.append(None)
+            else:
+                out.append(bytes(alphabet[c] for c in piece))
+        return out
+    for i, piece in enumerate(pieces):
+        if i in special or piece is None:
+            out.append(None)
+        elif m := _BYTE_FALLBACK.match(piece):
+            out.append(bytes([int(m.group(1), 16)]))
+        else:
+            out.append(piece.replace("\u2581", " ").encode("utf-8"))
+    return out
+
+
+def shared_vocabulary(student: Any, teacher: Any) -> tuple[list[int], list[int]]:
+    """Pairs of (student id, teacher id) whose tokens stand for the same bytes of text.
+
+    Where one vocabulary writes the same bytes twice (a byte-fallback piece "<0x20>" and a plain "▁"), the plain
+    piece is kept: it is the one that the tokenizer produces.
+    """
+    def first_ids(tok: Any) -> dict[bytes, int]:
+        pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+        ids: dict[bytes, int] = {}
+        for i, b in enumerate(token_bytes(tok)):
+            if b and (b not in ids or _BYTE_FALLBACK.match(pieces[ids[b]] or "")):
+                ids[b] = i
+        return ids
+
+    s_ids, t_ids = first_ids(student), first_ids(teacher)
+    common = sorted(s_ids.keys() & t_ids.keys(), key=lambda b: s_ids[b])
+    return [s_ids[b] for b in common], [t_ids[b] for b in common]

@@ -15,7 +15,16 @@ from typing import Any
 
 import pytest
 
-from aitraining.align import PROBE_TEXTS, Edges, align_edges, align_ends, align_text, match_tokenizers
+from aitraining.align import (
+    PROBE_TEXTS,
+    Edges,
+    align_edges,
+    align_ends,
+    align_text,
+    match_tokenizers,
+    shared_vocabulary,
+    token_bytes,
+)
 
 TEXTS = [
     *PROBE_TEXTS,
@@ -179,3 +188,40 @@ def test_a_slow_tokenizer_is_refused_with_the_fix(tokenizers: dict[str, Any]) ->
 
     with pytest.raises(ValueError, match="not a fast tokenizer.*tokenizer.json"):
         align_text(Slow(), tokenizers["smollm2"], "text")
+
+
+ALL = ["smollm2", "llama-bpe", "llama-spm", "qwen2", "trained-bytelevel", "trained-metaspace"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_token_bytes_spell_out_every_text(tokenizers: dict[str, Any], name: str) -> None:
+    tok = tokenizers[name]
+    table = token_bytes(tok)
+    for text in [*TEXTS, *LEADING_SPACE]:
+        text = unicodedata.normalize("NFC", text)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        spelled = b"".join(table[i] or b"<special>" for i in ids).decode("utf-8")
+        assert spelled in (text, " " + text)  # SentencePiece-style tokenizers add a leading space
+
+
+def test_shared_vocabulary_pairs_tokens_of_the_same_text(tokenizers: dict[str, Any]) -> None:
+    smol, llama3, llama2 = tokenizers["smollm2"], tokenizers["llama-bpe"], tokenizers["llama-spm"]
+    s, t = shared_vocabulary(smol, llama3)
+    pairs = dict(zip(s, t, strict=True))
+    assert len(pairs) > 20_000  # both byte-level BPEs on English-heavy data
+    for word in [" the", " distillation", "ing", "\n\n", "123", " 🙂"]:
+        s_ids = smol(word, add_special_tokens=False)["input_ids"]
+        t_ids = llama3(word, add_special_tokens=False)["input_ids"]
+        if len(s_ids) == 1 and len(t_ids) == 1:
+            assert pairs[s_ids[0]] == t_ids[0], word
+    # Across conventions: SentencePiece "▁the" is byte-level "Ġthe"; "<0x0A>" is a newline.
+    s, t = shared_vocabulary(llama2, llama3)
+    pairs = dict(zip(s, t, strict=True))
+    assert pairs[llama2.convert_tokens_to_ids("▁the")] == llama3.convert_tokens_to_ids("Ġthe")
+    assert pairs[llama2.convert_tokens_to_ids("<0x0A>")] == llama3.convert_tokens_to_ids("Ċ")
+    # A plain piece wins over a byte-fallback piece of the same byte.
+    assert llama2.convert_tokens_to_ids("▁") in pairs and llama2.convert_tokens_to_ids("<0x20>") not in pairs
+    # The same tokenizer pairs every ordinary token with itself.
+    s, t = shared_vocabulary(smol, smol)
+    special = {i for i, t in smol.added_tokens_decoder.items() if t.special}
+    assert s == t == [i for i in range(len(smol)) if i not in special] and len(special) == 17
