@@ -56,7 +56,7 @@ rows = [json.loads(x) for x in open(cfg["data"], encoding="utf-8") if x.strip()]
 data = Dataset.from_list([{"messages": [{"role": "user", "content": r["prompt"]},
                                         {"role": "assistant", "content": r["response"]}]} for r in rows])
 args = GKDConfig(output_dir=cfg["out"], per_device_train_batch_size=cfg["batch_size"], num_train_epochs=cfg["epochs"],
-                 learning_rate=cfg["lr"], lr_scheduler_type="linear", warmup_ratio=0.1, max_grad_norm=1.0,
+                 learning_rate=cfg["lr"], lr_scheduler_type="linear", warmup_steps=0.1, max_grad_norm=1.0,
                  seed=cfg["seed"], lmbda=0.0, beta=0.0, temperature=1.0, max_length=cfg["max_length"],
                  logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, bf16=cfg["bf16"],
                  dataloader_num_workers=0)
