@@ -22,20 +22,25 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from aitraining.losses import DenseTargets, Targets, bucket_log_probs, divergence, teacher_divergence, teacher_top1
+from aitraining.losses import DenseTargets, Targets, bucket_log_probs, divergence
 from aitraining.objective import decoder, output_head, target_positions
 from aitraining.params import LLMTrainingParams
 
 
-def kl_at_t1(student_logits: Tensor, teacher: Targets) -> Tensor:
-    """KL(teacher || student) at T = 1 per position, (N,): exact for a live teacher, over the head's buckets
-    plus the rest for cached targets (never the sampled estimate: a measurement must not be random)."""
+def kl_and_top1(student_logits: Tensor, teacher: Targets) -> tuple[Tensor, Tensor]:
+    """KL(teacher || student) at T = 1 per position, (N,), and the teacher's most likely id, (N,).
+
+    The KL is exact for a live teacher (whose logits are made once for both), and over the head's buckets plus
+    the rest for cached targets (never the sampled estimate: a measurement must not be random)."""
     if isinstance(teacher, DenseTargets):
-        return teacher_divergence(student_logits, teacher, 1.0, "forward_kl")
+        z = teacher.logits(student_logits.shape[-1])
+        kl = divergence(F.log_softmax(student_logits.float(), -1), F.log_softmax(z, -1), "forward_kl")
+        return kl, z.argmax(-1)
     student = bucket_log_probs(student_logits, teacher.ids[:, : teacher.k], 1.0)
-    return divergence(student, teacher.bucket_log_probs(1.0), "forward_kl")
+    return divergence(student, teacher.bucket_log_probs(1.0), "forward_kl"), teacher.ids[:, 0]
 
 
 @torch.no_grad()
@@ -46,7 +51,7 @@ def response_metrics(
     chunk_size: int = 1024,
 ) -> dict[str, Any]:
     """Mean label loss (ce, perplexity) on response tokens; with a teacher also `kl_to_teacher` (mean KL at
-    T = 1, see `kl_at_t1`) and `top1_agreement`.
+    T = 1, see `kl_and_top1`) and `top1_agreement`.
 
     `batches` yields (tensors with input_ids, attention_mask, n_prompt; the teacher at the trained positions
     or None).
@@ -70,8 +75,9 @@ def response_metrics(
             ce_sum += torch.nn.functional.cross_entropy(logits, labels[s : s + chunk_size], reduction="sum").item()
             if teacher is not None:
                 t = teacher.index(slice(s, s + chunk_size)).to(device)
-                kl_sum += kl_at_t1(logits, t).sum().item()
-                agree += (logits.argmax(-1) == teacher_top1(t)).sum().item()
+                kl, top1 = kl_and_top1(logits, t)
+                kl_sum += kl.sum().item()
+                agree += (logits.argmax(-1) == top1).sum().item()
                 n_teacher += logits.shape[0]
         n += h.shape[0]
     if was_training:
@@ -120,7 +126,7 @@ class TeacherReference:
         self.items = [it for _, it in pairs]
         self.answers = [ex.response or "" for ex, _ in pairs]
         self.max_new_tokens = max((len(it.input_ids) - it.n_prompt for it in self.items), default=1)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad = pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.batches = []
         for s in tqdm(range(0, len(self.items), batch_size), desc="teacher: reference distribution", unit="batch",
                       disable=not show_progress):
@@ -138,13 +144,12 @@ class TeacherReference:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         written = [""] * len(prompts)
         stop = models.stop_ids(self.tokenizer, model)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         with torch.no_grad():
             for s in tqdm(range(0, len(order), batch_size), desc="student: answering", unit="batch",
                           disable=not show_progress):
                 chunk = order[s : s + batch_size]
                 outs = models.generate_answers(model, [prompts[i] for i in chunk], max_new_tokens=self.max_new_tokens,
-                                               stop=stop, pad=pad)
+                                               stop=stop, pad=self.pad)
                 for i, out in zip(chunk, outs, strict=True):
                     written[i] = self.tokenizer.decode(out, skip_special_tokens=True)
         return {"kl_to_teacher": metrics["kl_to_teacher"], "top1_agreement": metrics["top1_agreement"],

@@ -486,13 +486,6 @@ def _sampled_forward_kl(student_logits: Tensor, teacher: TeacherTargets, tempera
     return buckets + tail_mass * (tail_kl.detach() + surrogate - surrogate.detach())
 
 
-def teacher_top1(teacher: Targets) -> Tensor:
-    """The teacher's most likely id at each position, (N,) int64."""
-    if isinstance(teacher, DenseTargets):
-        return teacher.logits(teacher.vocab).argmax(-1)
-    return teacher.ids[:, 0]
-
-
 def token_losses(
     student_logits: Tensor,
     labels: Tensor,

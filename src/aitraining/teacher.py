@@ -67,12 +67,19 @@ def model_identity(name: str) -> dict[str, Any]:
     return {"path": path, "files": stats}
 
 
-def sample_offsets(prompt_ids: Sequence[int], start: int, n: int) -> torch.Tensor:
-    """The systematic sampler's offsets of response positions start..start+n-1 after a teacher prompt.
+def prompt_seed(prompt_ids: Sequence[int]) -> float:
+    """A number in [0, 1) fixed by the teacher prompt: where its golden-ratio sequence of offsets starts."""
+    return int(hashlib.sha256(np.asarray(prompt_ids, dtype=np.int64).tobytes()).hexdigest()[:12], 16) / 16**12
 
-    A fixed function of the prompt and the position (a golden-ratio sequence from the prompt's hash), so that
-    recording during generation, scoring, and redoing an entry after a resume all draw the same tail ids."""
-    seed = int(hashlib.sha256(np.asarray(prompt_ids, dtype=np.int64).tobytes()).hexdigest()[:12], 16) / 16**12
+
+def sample_offsets(seed: float | torch.Tensor, start: int, n: int = 1) -> torch.Tensor:
+    """The systematic sampler's offsets of response positions start..start+n-1 after a prompt (`prompt_seed`).
+
+    A fixed function of the prompt and the position, so that recording during generation, scoring, and redoing
+    an entry after a resume all draw the same tail ids. With a (B,) tensor of seeds: the offsets of B prompts at
+    one position, (B,)."""
+    if isinstance(seed, torch.Tensor):
+        return torch.frac(seed.double() + start * _GOLDEN).float()
     steps = torch.arange(start, start + n, dtype=torch.float64)
     return torch.frac(seed + steps * _GOLDEN).float()
 
@@ -179,13 +186,13 @@ class _Recorder(LogitsProcessor):
     """Records the sparse distribution at each generation step from the raw logits, changing nothing."""
 
     def __init__(self, params: LLMTrainingParams | None, vocab: int, prompts: Sequence[list[int]]) -> None:
-        self.params, self.vocab, self.prompts = params, vocab, prompts
+        self.params, self.vocab = params, vocab
+        self.seeds = torch.tensor([prompt_seed(p) for p in prompts], dtype=torch.float64)  # hashed once, not per step
         self.steps: list[TeacherTargets] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.params is not None:
-            step = len(self.steps)
-            offsets = torch.cat([sample_offsets(p, step, 1) for p in self.prompts])
+            offsets = sample_offsets(self.seeds, len(self.steps))
             self.steps.append(targets_of(scores[:, : self.vocab], self.params, offsets).to("cpu"))
         if scores.shape[-1] > self.vocab:  # never emit a padded id: it is no token of either model
             scores = scores.clone()
@@ -317,9 +324,10 @@ class Teacher:
         rows = max(16, min(512, 2**25 // max(self.vocab, 1)))  # about 128 MiB of float32 logits per chunk
         out = []
         for (prompt, response), h in zip(pairs, self.hidden(pairs), strict=True):
+            seed = prompt_seed(prompt)
             parts = [
                 targets_of(head(h[s : s + rows])[:, : self.vocab], self.params,
-                           sample_offsets(prompt, s, min(rows, len(response) - s)))
+                           sample_offsets(seed, s, min(rows, len(response) - s)))
                 for s in range(0, len(response), rows)
             ]
             out.append(TeacherTargets.cat(parts).to("cpu"))
