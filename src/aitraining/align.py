@@ -17,7 +17,10 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aitraining.losses import VocabularyMap
 
 # Text that tokenizers are known to split differently: whitespace runs, digits, accents, emoji, CJK, code.
 PROBE_TEXTS = (
@@ -267,3 +270,80 @@ def shared_vocabulary(student: Any, teacher: Any) -> tuple[list[int], list[int]]
     s_ids, t_ids = first_ids(student), first_ids(teacher)
     common = sorted(s_ids.keys() & t_ids.keys(), key=lambda b: s_ids[b])
     return [s_ids[b] for b in common], [t_ids[b] for b in common]
+
+
+# ----------------------------------------------------------------------------------- a response in both
+
+
+def vocabulary_map(student: Any, teacher: Any) -> VocabularyMap:
+    """The teacher-to-student id map of `shared_vocabulary`, plus the end of the answer: the teacher's EOS
+    reads as the student's (Note [Across vocabularies] in losses.py)."""
+    import torch
+
+    from aitraining.losses import VocabularyMap
+
+    s_ids, t_ids = shared_vocabulary(student, teacher)
+    to_student = torch.full((len(teacher),), -1, dtype=torch.long)
+    to_student[torch.tensor(t_ids, dtype=torch.long)] = torch.tensor(s_ids, dtype=torch.long)
+    if teacher.eos_token_id is not None and student.eos_token_id is not None:
+        to_student[to_student == student.eos_token_id] = -1  # keep the map one-to-one
+        to_student[teacher.eos_token_id] = student.eos_token_id
+    unshared = torch.ones(len(student), dtype=torch.bool)
+    unshared[to_student[to_student >= 0]] = False
+    return VocabularyMap(to_student, unshared)
+
+
+@dataclass(frozen=True)
+class ResponseAlignment:
+    """A teacher's answer in the student's tokens.
+
+    ``student_ids``: the student's tokens of the answer's text (and its EOS where the teacher ended);
+    ``teacher_rows[i]``: the teacher position (index into the teacher's answer) that predicts the same text as
+    student token i from the same preceding text, or -1 where there is none (the two split that text
+    differently, or the student's piece is not the teacher's).
+    """
+
+    student_ids: list[int]
+    teacher_rows: list[int]
+
+    @property
+    def aligned(self) -> int:
+        return sum(1 for r in self.teacher_rows if r >= 0)
+
+
+class ResponseAligner:
+    """Puts teacher answers (token ids) into a student's tokens, position by position (Note [Span alignment])."""
+
+    def __init__(self, student: Any, teacher: Any, *, text_only: bool = False) -> None:
+        """``text_only``: only the student's tokens are wanted (sequence-level distillation), no rows."""
+        self.student, self.teacher, self.text_only = student, teacher, text_only
+        if not text_only:
+            self.s_bytes, self.t_bytes = token_bytes(student), token_bytes(teacher)
+            self.vocab = vocabulary_map(student, teacher)
+
+    def __call__(self, teacher_ids: Sequence[int], ended: bool) -> ResponseAlignment:
+        """``ended``: the answer's last id is the teacher's stop token (it ended the answer itself); the student's
+        tokens then end with the student's EOS."""
+        body = list(teacher_ids[:-1] if ended else teacher_ids)
+        text = self.teacher.decode(body, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        eos = self.student.eos_token_id
+        if self.text_only:
+            ids = list(self.student(text, add_special_tokens=False)["input_ids"])
+            ids += [eos] if ended and eos is not None else []
+            return ResponseAlignment(ids, [-1] * len(ids))
+        s_ids, t_ids, alignment = align_text(self.student, self.teacher, text)
+        # The teacher's rows are those of the ids it wrote; its own re-reading of the text usually gives the same
+        # ids, and past the first difference its positions are not the ones it scored.
+        agree = 0
+        while agree < min(len(body), len(t_ids)) and body[agree] == t_ids[agree]:
+            agree += 1
+        rows = [-1] * len(s_ids)
+        for s0, s1, t0, t1 in alignment.groups:
+            if s1 - s0 == 1 and t1 - t0 == 1 and t0 < agree:
+                b = self.s_bytes[s_ids[s0]]
+                if b is not None and b == self.t_bytes[t_ids[t0]]:
+                    rows[s0] = t0
+        if ended and eos is not None:
+            s_ids.append(eos)
+            rows.append(len(body) if int(self.vocab.to_student[teacher_ids[-1]]) == eos else -1)
+        return ResponseAlignment(s_ids, rows)

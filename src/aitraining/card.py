@@ -14,7 +14,7 @@ _KEY_PARAMS = (
 )
 _DISTILL_PARAMS = (
     "distill_temperature", "distill_alpha", "distill_loss", "distill_beta", "distill_top_k",
-    "distill_tail_samples", "teacher_source", "distill_max_teacher_length", "teacher_prompt_template", "teacher_do_sample",
+    "distill_tail_samples", "distill_mode", "teacher_source", "distill_max_teacher_length", "teacher_prompt_template", "teacher_do_sample",
 )
 
 
@@ -26,7 +26,10 @@ def _signal(params: LLMTrainingParams) -> str:
     return f"against the teacher's top-{params.distill_top_k} tokens{tail}, cached once."
 
 
-def write_model_card(project: str, params: LLMTrainingParams, final: dict[str, Any], *, n_train: int, n_valid: int) -> str:
+def write_model_card(
+    project: str, params: LLMTrainingParams, final: dict[str, Any], *, n_train: int, n_valid: int,
+    distill_path: str | None = None,
+) -> str:
     name = os.path.basename(os.path.abspath(project))
     lines = [
         "---",
@@ -38,7 +41,10 @@ def write_model_card(project: str, params: LLMTrainingParams, final: dict[str, A
         f"# {name}",
         "",
     ]
-    if params.use_distillation:
+    if params.use_distillation and params.distill_mode == "sequence":
+        lines += [f"A student trained with aitraining on the answers **{params.teacher_model}** wrote for the prompts "
+                  f"(sequence-level distillation), into **{params.model}**."]
+    elif params.use_distillation:
         lines += [
             f"A student distilled from **{params.teacher_model}** into **{params.model}** with aitraining: "
             f"loss = {params.distill_alpha:g} x T^2 x {params.distill_loss}(teacher_T || student_T) + "
@@ -47,6 +53,8 @@ def write_model_card(project: str, params: LLMTrainingParams, final: dict[str, A
         ]
     else:
         lines += [f"**{params.model}** fine-tuned with aitraining (supervised, on response tokens)."]
+    if distill_path:
+        lines += ["", f"Path: {distill_path}."]
     lines += [
         "",
         "## Data",

@@ -76,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--output", required=True, help="folder to write the student to")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     prune.add_argument("--trust-remote-code", action="store_true", help="run model code from the repository")
+
+    transplant = sub.add_parser(
+        "transplant", help="give a model another tokenizer (embeddings of the new tokens from the old pieces)",
+        description="Vocabulary transplant: the model with the tokenizer of another model; each new token's "
+                    "embedding is the mean of the old embeddings of the pieces that write the same bytes. "
+                    "Train (fine-tune or distill) the result before use.")
+    transplant.add_argument("--model", required=True, help="the model (folder, .gguf or hub id)")
+    transplant.add_argument("--tokenizer", required=True, help="the model whose tokenizer it gets (folder, .gguf or hub id)")
+    transplant.add_argument("--output", required=True, help="folder to write the model to")
+    transplant.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    transplant.add_argument("--trust-remote-code", action="store_true", help="run model code from the repository")
     return parser
 
 
@@ -131,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
 
             out = prune_to_folder(ns.model, ns.num_layers, ns.output, overwrite=ns.overwrite,
                                   trust_remote_code=ns.trust_remote_code)
+            print(f"done: {out}")
+            return 0
+        if ns.command == "transplant":
+            from aitraining.models import transplant_to_folder
+
+            out = transplant_to_folder(ns.model, ns.tokenizer, ns.output, overwrite=ns.overwrite,
+                                       trust_remote_code=ns.trust_remote_code)
             print(f"done: {out}")
             return 0
         parser.print_help()

@@ -25,22 +25,30 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from aitraining.losses import DenseTargets, Targets, bucket_log_probs, divergence
+from aitraining.losses import CrossTargets, DenseTargets, Targets, bucket_log_probs, cross_bucket_log_probs, divergence
 from aitraining.objective import decoder, output_head, target_positions
 from aitraining.params import LLMTrainingParams
 
 
-def kl_and_top1(student_logits: Tensor, teacher: Targets) -> tuple[Tensor, Tensor]:
-    """KL(teacher || student) at T = 1 per position, (N,), and the teacher's most likely id, (N,).
+def kl_and_top1(student_logits: Tensor, teacher: Targets) -> tuple[Tensor, Tensor, Tensor]:
+    """KL(teacher || student) at T = 1 per position, (N,), the teacher's most likely id in the student's
+    vocabulary, (N,), and which positions have a teacher at all, (N,) bool.
 
     The KL is exact for a live teacher (whose logits are made once for both), and over the head's buckets plus
-    the rest for cached targets (never the sampled estimate: a measurement must not be random)."""
+    the rest for cached targets (never the sampled estimate: a measurement must not be random). A teacher with
+    another vocabulary is compared where a teacher position predicts the same token, over what both
+    vocabularies can write (its top-1 is -1 where the student has no such token)."""
     if isinstance(teacher, DenseTargets):
         z = teacher.logits(student_logits.shape[-1])
         kl = divergence(F.log_softmax(student_logits.float(), -1), F.log_softmax(z, -1), "forward_kl")
-        return kl, z.argmax(-1)
+        return kl, z.argmax(-1), torch.ones_like(kl, dtype=torch.bool)
+    if isinstance(teacher, CrossTargets):
+        student, target = cross_bucket_log_probs(student_logits, teacher, 1.0)
+        kl = torch.where(teacher.aligned, divergence(student, target, "forward_kl"), 0.0)
+        return kl, teacher.vocab.to_student[teacher.teacher.ids[:, 0]], teacher.aligned
     student = bucket_log_probs(student_logits, teacher.ids[:, : teacher.k], 1.0)
-    return divergence(student, teacher.bucket_log_probs(1.0), "forward_kl"), teacher.ids[:, 0]
+    kl = divergence(student, teacher.bucket_log_probs(1.0), "forward_kl")
+    return kl, teacher.ids[:, 0], torch.ones_like(kl, dtype=torch.bool)
 
 
 @torch.no_grad()
@@ -75,10 +83,10 @@ def response_metrics(
             ce_sum += torch.nn.functional.cross_entropy(logits, labels[s : s + chunk_size], reduction="sum").item()
             if teacher is not None:
                 t = teacher.index(slice(s, s + chunk_size)).to(device)
-                kl, top1 = kl_and_top1(logits, t)
+                kl, top1, counted = kl_and_top1(logits, t)
                 kl_sum += kl.sum().item()
-                agree += (logits.argmax(-1) == top1).sum().item()
-                n_teacher += logits.shape[0]
+                agree += ((logits.argmax(-1) == top1) & counted).sum().item()
+                n_teacher += int(counted.sum().item())
         n += h.shape[0]
     if was_training:
         model.train()
@@ -155,3 +163,96 @@ class TeacherReference:
         return {"kl_to_teacher": metrics["kl_to_teacher"], "top1_agreement": metrics["top1_agreement"],
                 "ce": metrics["ce"], "perplexity": metrics["perplexity"], "rouge_l": rouge_l(written, self.answers),
                 "n_tokens": metrics["n_tokens"], "answers": written}
+
+
+@torch.no_grad()
+def answer_log_likelihoods(model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 8) -> list[float]:
+    """Sum of log p(answer token | prompt, earlier answer tokens) for each (prompt ids, answer ids) row."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s : s + batch_size]
+        width = max(len(p) + len(a) for p, a in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (p, a) in enumerate(chunk):
+            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+            mask[i, : len(p) + len(a)] = 1
+        hidden = decoder(model)(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        head = output_head(model)
+        for i, (p, a) in enumerate(chunk):
+            if not a:
+                out.append(0.0)
+                continue
+            logp = F.log_softmax(head(hidden[i, len(p) - 1 : len(p) + len(a) - 1]).float(), -1)
+            out.append(logp.gather(-1, torch.tensor(a, device=device).unsqueeze(-1)).sum().item())
+    if was_training:
+        model.train()
+    return out
+
+
+class TextReference:
+    """The teacher's answers to held-out prompts as text, and how likely the teacher finds them; any model, with
+    any tokenizer, is compared on the same text: per-byte log-likelihood of the answers (token-level KL is not
+    defined across vocabularies) and ROUGE-L of its greedy answers.
+
+    ``kl_per_byte`` = (the model's negative log-likelihood of the teacher's answers - the teacher's own) / bytes:
+    how many more nats per byte of the teacher's text the model needs than the teacher (0 for the teacher itself;
+    with answers sampled from the teacher it would estimate the sequence-level KL(teacher || model) per byte; the
+    teacher's greedy answers make it a close proxy).
+    """
+
+    def __init__(self, teacher: str, rows: Sequence[tuple[str, str]], params: LLMTrainingParams) -> None:
+        from aitraining import models
+
+        self.params = params
+        self.prompts = [p for p, _ in rows]
+        self.answers = [a for _, a in rows]
+        self.bytes = sum(len(a.encode("utf-8")) for a in self.answers)
+        tokenizer = models.load_tokenizer(teacher, trust_remote_code=params.trust_remote_code, token=params.token,
+                                          flag="--teacher-model")
+        model = models.load_causal_lm(teacher, dtype=torch.float32, trust_remote_code=params.trust_remote_code,
+                                      token=params.token, flag="--teacher-model")
+        self.teacher_nll = -sum(answer_log_likelihoods(model, self._rows(tokenizer, params.effective_teacher_template)))
+        del model
+
+    def _prompt_ids(self, tokenizer: Any, template: str) -> list[list[int]]:
+        from aitraining.data import encode, render_prompt, resolve_chat_template
+
+        chat = resolve_chat_template(tokenizer, "none" if self.params.chat_template == "none" else "auto")
+        out = []
+        for p in self.prompts:
+            text, special = render_prompt(tokenizer, [{"role": "user", "content": p}], template, chat)
+            out.append(encode(tokenizer, text, add_special_tokens=special))
+        return out
+
+    def _rows(self, tokenizer: Any, template: str) -> list[tuple[list[int], list[int]]]:
+        from aitraining.data import encode
+
+        return [(p, encode(tokenizer, a, add_special_tokens=False))
+                for p, a in zip(self._prompt_ids(tokenizer, template), self.answers, strict=True)]
+
+    def compare(self, model: nn.Module, tokenizer: Any, *, batch_size: int = 16) -> dict[str, Any]:
+        """The model (rendering prompts as the student does) on the teacher's answers."""
+        from aitraining import models
+
+        rows = self._rows(tokenizer, self.params.student_prompt_template)
+        nll = -sum(answer_log_likelihoods(model, rows))
+        prompts = [p for p, _ in rows]
+        longest = max(len(a) for _, a in rows)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        stop = models.stop_ids(tokenizer, model)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        written = [""] * len(prompts)
+        with torch.no_grad():
+            for s in range(0, len(order), batch_size):
+                chunk = order[s : s + batch_size]
+                outs = models.generate_answers(model, [prompts[i] for i in chunk], max_new_tokens=longest, stop=stop,
+                                               pad=pad)
+                for i, out in zip(chunk, outs, strict=True):
+                    written[i] = tokenizer.decode(out, skip_special_tokens=True)
+        return {"kl_per_byte": (nll - self.teacher_nll) / self.bytes, "nll_per_byte": nll / self.bytes,
+                "teacher_nll_per_byte": self.teacher_nll / self.bytes, "bytes": self.bytes,
+                "rouge_l": rouge_l(written, self.answers), "answers": written}

@@ -57,6 +57,34 @@ data-processing inequality, a lower bound of the full-vocabulary one; with k = V
 Tail masses are logsumexps over the entries outside the head, never ``log(1 - sum(p))``, which cancels
 catastrophically when the head holds almost all of the mass (the common case for a confident teacher).
 
+Note [Across vocabularies]
+~~~~~~~~~~~~~~~~~~~~~~~~~~
+A teacher with another tokenizer writes the same answer in other tokens. Its answer is decoded, re-tokenized
+for the student, and both token lists are aligned by the characters they cover (align.py, Note [Span
+alignment]). A student token gets a teacher position when one teacher token covers exactly the same text and
+stands for the same bytes: both then predict the same next piece of text from the same preceding text. Other
+student tokens (where the two split the text differently) learn from their label alone.
+
+At such a position the two next-token distributions live on different vocabularies. Both are projected, at the
+distillation temperature, onto the events both can name: each token that the two vocabularies share (matched
+by the bytes it stands for, "Ġ" and "▁" and byte pieces normalized; a one-to-one map, plus the teacher's EOS as
+the student's), one bucket LOST for the text that only one of them writes as a single token (the teacher's
+unshared tokens; the student's unshared ids), and the REST (shared tokens outside the teacher's head). The
+documented divergence is taken between the two projected distributions, so temperature, alpha and the
+divergences mean what they mean on the same-vocabulary path; with identical vocabularies it is that path.
+
+From the cache: the head's shared ids are exact buckets; the head's unshared ids go to LOST exactly. The tail's
+split between LOST and REST is estimated from the tail samples (the share of the draws, by count, that the
+student cannot write; at a temperature other than tau the draws are reweighted by p^(1/T - 1/tau) and
+self-normalized); with no samples the two are one bucket. For forward KL at T = tau the REST's inner KL uses the
+draws that the student can write exactly as `_sampled_forward_kl` uses all of them (same control variate).
+The student side is exact: its mass on its unshared ids is one logsumexp over a fixed mask.
+
+Why not a vocabulary-free distance for the rest (ULD's sorted probabilities): matching the sorted shapes of
+two distributions ignores which token is which, so it teaches confidence, not content; here the part that
+cannot be matched token by token is one bucket whose mass is learned exactly. A student whose vocabulary
+shares little with the teacher's learns little from the logits; the run reports the share of aligned tokens.
+
 Note [Sum reduction]
 ~~~~~~~~~~~~~~~~~~~~
 `chunked_token_loss_sums` returns SUMS over positions, not means. The trainer divides by the global number
@@ -225,7 +253,64 @@ class DenseTargets:
         return F.pad(z, (0, width - z.shape[-1]), value=_NEG_INF)
 
 
-Targets = TeacherTargets | DenseTargets
+@dataclass
+class VocabularyMap:
+    """How a teacher's token ids read in a student's vocabulary (Note [Across vocabularies]).
+
+    Attributes:
+        to_student: (V_teacher,) int64: the student id of the token that stands for the same text, -1 where the
+            student has none (the map is one-to-one on the ids it keeps).
+        student_unshared: (V_student,) bool: the student ids that no teacher id maps to.
+    """
+
+    to_student: Tensor
+    student_unshared: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> VocabularyMap:
+        if self.to_student.device == torch.device(device):
+            return self
+        return VocabularyMap(self.to_student.to(device, non_blocking=non_blocking),
+                             self.student_unshared.to(device, non_blocking=non_blocking))
+
+
+@dataclass
+class CrossTargets:
+    """A teacher with another vocabulary, at the student's N positions (Note [Across vocabularies]).
+
+    Attributes:
+        teacher: the teacher's sparse targets, one row per student position (the teacher position that predicts
+            the same text; a placeholder row where there is none).
+        aligned: (N,) bool: whether the student position has a teacher position predicting the same token.
+        vocab: the teacher-to-student id map.
+    """
+
+    teacher: TeacherTargets
+    aligned: Tensor
+    vocab: VocabularyMap
+
+    def __post_init__(self) -> None:
+        if self.aligned.shape != (len(self.teacher),):
+            raise ValueError(f"CrossTargets: aligned must be ({len(self.teacher)},), got {tuple(self.aligned.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.teacher)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CrossTargets:
+        return CrossTargets(self.teacher.to(device, non_blocking), self.aligned.to(device, non_blocking=non_blocking),
+                            self.vocab.to(device, non_blocking))
+
+    def index(self, sel: Tensor | slice) -> CrossTargets:
+        return CrossTargets(self.teacher.index(sel), self.aligned[sel], self.vocab)
+
+    @staticmethod
+    def cat(parts: list[CrossTargets]) -> CrossTargets:
+        if not parts:
+            raise ValueError("CrossTargets.cat: need at least one part")
+        return CrossTargets(TeacherTargets.cat([p.teacher for p in parts]), torch.cat([p.aligned for p in parts]),
+                            parts[0].vocab)
+
+
+Targets = TeacherTargets | DenseTargets | CrossTargets
 
 
 def _check_temperature(temperature: float) -> None:
@@ -446,12 +531,15 @@ def teacher_divergence(
     - `TeacherTargets`, forward KL at T = tau with samples: the buckets exactly plus the sampled estimate of
       the tail's KL (`_sampled_forward_kl`).
     - `TeacherTargets` otherwise: over the k + 1 buckets (head ids and one tail bucket; exact tail mass).
+    - `CrossTargets` (a teacher with another vocabulary): the same, over what both vocabularies can write.
 
-    See Note [Teacher signal].
+    See Note [Teacher signal] and Note [Across vocabularies].
     """
     if isinstance(teacher, DenseTargets):
         t = _tempered_log_softmax(teacher.logits(student_logits.shape[-1]), temperature)
         return divergence(_tempered_log_softmax(student_logits, temperature), t, kind, beta)
+    if isinstance(teacher, CrossTargets):
+        return _cross_divergence(student_logits, teacher, temperature, kind, beta)
     if kind == "forward_kl" and teacher.m > 0 and math.isclose(temperature, teacher.tau):
         return _sampled_forward_kl(student_logits, teacher, temperature)
     student = bucket_log_probs(student_logits, teacher.ids[:, : teacher.k], temperature)
@@ -484,6 +572,90 @@ def _sampled_forward_kl(student_logits: Tensor, teacher: TeacherTargets, tempera
     surrogate = (w * (ratio - 1.0) * log_s).sum(-1)
     tail_mass = teacher_b[:, -1].exp()
     return buckets + tail_mass * (tail_kl.detach() + surrogate - surrogate.detach())
+
+
+def _cross_parts(student_logits: Tensor, teacher: CrossTargets, temperature: float) -> dict[str, Tensor]:
+    """Both distributions at T projected onto the same events (Note [Across vocabularies]): the head's ids that
+    the student also has (one bucket each; the others are empty on both sides), the text that only one of the two
+    vocabularies can write in one token ("lost"), and the rest. With tail samples, the lost share of the teacher's
+    tail is estimated from them (self-normalized: the draws were made at tau, the weights correct for T)."""
+    t = teacher.teacher
+    ls = _tempered_log_softmax(student_logits, temperature)
+    n, v = ls.shape
+    k = t.k
+    to_student = teacher.vocab.to_student
+    sid = to_student[t.ids[:, :k]]
+    shared = sid >= 0
+    tb = t.bucket_log_probs(temperature)
+    t_head = torch.where(shared, tb[:, :k], _NEG_INF)
+    t_lost = torch.logsumexp(torch.where(shared, _NEG_INF, tb[:, :k]), dim=-1)
+    cols = torch.where(shared, sid, v)
+    padded = F.pad(ls, (0, 1), value=_NEG_INF)
+    s_head = torch.where(shared, padded.gather(-1, cols), _NEG_INF)
+    unshared = teacher.vocab.student_unshared.to(ls.device)
+    if unshared.shape[0] < v:  # padded embedding rows are no tokens: nothing of the teacher's maps there
+        unshared = F.pad(unshared, (0, v - unshared.shape[0]), value=True)
+    unshared = unshared[:v].expand(n, v)
+    mapped = torch.zeros(n, v + 1, dtype=torch.bool, device=ls.device).scatter_(-1, cols, True)[:, :v]
+    s_lost = torch.logsumexp(ls.masked_fill(~unshared, _NEG_INF), dim=-1)
+    s_rest = torch.logsumexp(ls.masked_fill(mapped | unshared, _NEG_INF), dim=-1)
+    out = {"ls": ls, "s_head": s_head, "t_head": t_head, "s_lost": s_lost, "s_rest": s_rest}
+    if t.m == 0:  # nothing says which part of the teacher's tail the student can write: lost and rest as one
+        out["t_lost"] = torch.logaddexp(t_lost, tb[:, k])
+        out["t_rest"] = torch.full_like(t_lost, _NEG_INF)
+        out["s_lost"] = torch.logaddexp(s_lost, s_rest)
+        out["s_rest"] = torch.full_like(s_rest, _NEG_INF)
+        return out
+    used = t.counts > 0
+    sample_sid = to_student[t.ids[:, k:]]
+    kept = used & (sample_sid >= 0)
+    logw = torch.where(used, t.counts.clamp(min=1e-30).log() + t.sample_logp.float() * (1.0 / temperature - 1.0 / t.tau),
+                       _NEG_INF)
+    total = torch.logsumexp(logw, dim=-1)
+    empty = ~used.any(-1)
+    total = torch.where(empty, 0.0, total)
+    log_lost = torch.logsumexp(torch.where(used & ~kept, logw, _NEG_INF), dim=-1) - total
+    log_kept = torch.logsumexp(torch.where(kept, logw, _NEG_INF), dim=-1) - total
+    log_kept = torch.where(empty, 0.0, log_kept)
+    out["t_lost"] = torch.logaddexp(t_lost, tb[:, k] + log_lost)
+    out["t_rest"] = tb[:, k] + log_kept
+    out.update(kept=kept, sample_sid=sample_sid, log_kept=log_kept)
+    return out
+
+
+def cross_bucket_log_probs(student_logits: Tensor, teacher: CrossTargets, temperature: float) -> tuple[Tensor, Tensor]:
+    """(student, teacher) log-probs, (N, k + 2) float32, over the projected buckets of `_cross_parts`: the k head
+    ids, the lost text, the rest."""
+    p = _cross_parts(student_logits, teacher, temperature)
+    student = torch.cat([p["s_head"], p["s_lost"].unsqueeze(-1), p["s_rest"].unsqueeze(-1)], dim=-1)
+    return student, torch.cat([p["t_head"], p["t_lost"].unsqueeze(-1), p["t_rest"].unsqueeze(-1)], dim=-1)
+
+
+def _cross_divergence(student_logits: Tensor, teacher: CrossTargets, temperature: float, kind: str, beta: float) -> Tensor:
+    """D(teacher_T || student_T) per student position between the two distributions projected onto what both
+    vocabularies can write (Note [Across vocabularies]); 0 where no teacher position predicts the same token."""
+    p = _cross_parts(student_logits, teacher, temperature)
+    student = torch.cat([p["s_head"], p["s_lost"].unsqueeze(-1), p["s_rest"].unsqueeze(-1)], dim=-1)
+    teacher_b = torch.cat([p["t_head"], p["t_lost"].unsqueeze(-1), p["t_rest"].unsqueeze(-1)], dim=-1)
+    t = teacher.teacher
+    if kind == "forward_kl" and t.m > 0 and math.isclose(temperature, t.tau):
+        # As `_sampled_forward_kl`, over the rest: the draws the student can write are draws from the
+        # teacher's rest (the tail's tokens with a student id), renormalized.
+        buckets = _kl(teacher_b, student)
+        kept = p["kept"]
+        w = torch.where(kept, t.counts, 0.0)
+        w = w / w.sum(-1, keepdim=True).clamp(min=1.0)
+        cols = torch.where(kept, p["sample_sid"], 0)
+        log_s = torch.where(kept, p["ls"].gather(-1, cols) - p["s_rest"].unsqueeze(-1), 0.0)
+        log_t = torch.where(kept, t.sample_logp.float() / temperature - t.tail_lognorm.float().unsqueeze(-1)
+                            - p["log_kept"].unsqueeze(-1), 0.0)
+        tail_kl = (w * (log_t - log_s)).sum(-1)
+        ratio = torch.exp((log_s - log_t).clamp(max=math.log(_MAX_RATIO))).detach()
+        surrogate = (w * (ratio - 1.0) * log_s).sum(-1)
+        kd = buckets + p["t_rest"].exp() * (tail_kl.detach() + surrogate - surrogate.detach())
+    else:
+        kd = divergence(student, teacher_b, kind, beta)
+    return torch.where(teacher.aligned, kd, 0.0)
 
 
 def token_losses(

@@ -124,6 +124,11 @@ class LLMTrainingParams(BaseModel):
         "cache: the teacher runs once and its targets are stored; live: it stays loaded and gives its exact "
         "full distribution at every step (slower, more memory)",
     )
+    distill_mode: Literal["logits", "sequence"] = _f(
+        "logits", "Distillation",
+        "logits: learn the teacher's distribution at every answer token (across tokenizers too: on the tokens "
+        "both vocabularies share); sequence: learn the teacher's answers as text only",
+    )
     teacher_batch_size: int = _f(8, "Distillation", "Prompts per teacher generation / scoring batch")
     teacher_do_sample: bool = _f(False, "Distillation", "Sample teacher responses instead of greedy decoding")
     teacher_sampling_temperature: float = _f(0.7, "Distillation", "Sampling temperature of teacher responses")

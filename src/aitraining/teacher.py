@@ -39,7 +39,7 @@ from transformers import LogitsProcessor
 
 from aitraining.data import Example, encode, encode_response, render_prompt, resolve_chat_template
 from aitraining.errors import UserError
-from aitraining.losses import DenseTargets, TeacherTargets, teacher_targets_from_logits
+from aitraining.losses import CrossTargets, DenseTargets, TeacherTargets, VocabularyMap, teacher_targets_from_logits
 from aitraining.models import generate_answers, stop_ids
 from aitraining.objective import decoder, output_head
 from aitraining.params import LLMTrainingParams
@@ -180,6 +180,7 @@ class TeacherItem:
     response_ids: list[int]
     target_key: str
     teacher_prompt: list[int]
+    ended: bool = True  # the teacher ended the answer itself (its last id is a stop token), not the length limit
 
 
 class _Recorder(LogitsProcessor):
@@ -367,16 +368,69 @@ class LiveTeacher:
         return DenseTargets(torch.cat(self.teacher.hidden(pairs)), head, self.teacher.vocab)
 
 
-def check_same_vocabulary(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
-    """Teacher and student must give every token the same id and split text alike (`align.match_tokenizers`)."""
+class CrossCachedTeacher:
+    """The cache of a teacher with another vocabulary, read at the student's positions: each student token
+    takes the teacher row that predicts the same text (`align.ResponseAligner`), and the loss compares the two
+    over what both vocabularies can write (Note [Across vocabularies] in losses.py)."""
+
+    def __init__(self, cache: TargetCache, vocab: VocabularyMap) -> None:
+        self.cache, self.vocab = cache, vocab
+
+    def targets(self, items: Sequence[Any]) -> CrossTargets:
+        parts = []
+        for it in items:
+            rows = torch.tensor(it.teacher_rows[: len(it.input_ids) - it.n_prompt], dtype=torch.long)
+            teacher = self.cache.get(it.target_key)
+            parts.append(CrossTargets(teacher.index(rows.clamp(min=0)), rows >= 0, self.vocab))
+        return CrossTargets.cat(parts)
+
+
+@dataclass(frozen=True)
+class DistillPath:
+    """How this run learns from its teacher, and why (said at the start, kept in the model card)."""
+
+    mode: str  # "same-vocabulary", "cross-vocabulary" or "sequence"
+    reason: str
+    same_tokenizer: bool
+
+    @property
+    def needs_targets(self) -> bool:
+        return self.mode != "sequence"
+
+    def describe(self) -> str:
+        what = {
+            "same-vocabulary": "logit-level distillation, position by position over the shared vocabulary",
+            "cross-vocabulary": "logit-level distillation across vocabularies: the teacher's answers are re-tokenized "
+                                "for the student and aligned by characters; the loss compares the two distributions "
+                                "on the tokens both vocabularies share",
+            "sequence": "sequence-level distillation: the student learns the teacher's answers as text (no logits)",
+        }[self.mode]
+        return f"{what} ({self.reason})"
+
+
+def choose_path(params: LLMTrainingParams, student_tokenizer: Any, teacher_tokenizer: Any) -> DistillPath:
+    """Same tokenizer, another tokenizer, or text only; decided from the tokenizers themselves
+    (`align.match_tokenizers`), never from model names."""
     from aitraining.align import match_tokenizers
 
     verdict = match_tokenizers(student_tokenizer, teacher_tokenizer)
-    if not verdict.same:
+    tokenizers = f"tokenizers: {verdict.reason}"
+    if params.distill_mode == "sequence":
+        return DistillPath("sequence", f"--distill-mode sequence; {tokenizers}", verdict.same)
+    if verdict.same:
+        return DistillPath("same-vocabulary", tokenizers, True)
+    if params.teacher_source == "live":
         raise UserError(
-            f"--teacher-model has a different tokenizer than --model ({verdict.reason}): distillation needs the "
-            "same tokenizer for now (cross-tokenizer distillation is a planned option); pick a teacher of the same family"
+            f"--teacher-source live needs a teacher with the student's tokenizer, and these differ ({verdict.reason}); "
+            "drop --teacher-source live (the cached teacher works across tokenizers) or add --distill-mode sequence"
         )
+    for name, tok in (("--model", student_tokenizer), ("--teacher-model", teacher_tokenizer)):
+        if not getattr(tok, "is_fast", False):
+            raise UserError(
+                f"{name}: its tokenizer is a slow one ({type(tok).__name__}) and cannot give character offsets, which "
+                "distilling across tokenizers needs; save a tokenizer.json beside the model or add --distill-mode sequence"
+            )
+    return DistillPath("cross-vocabulary", tokenizers, False)
 
 
 def _cut_torn_line(path: str) -> None:
@@ -436,17 +490,22 @@ def prepare_teacher(
     wait: Callable[[], None] = lambda: None,
     show_progress: bool = True,
     teacher_tokenizer: Any = None,
-) -> tuple[list[TeacherItem | None], CachedTeacher | LiveTeacher]:
+    path: DistillPath | None = None,
+    vocab: VocabularyMap | None = None,
+) -> tuple[list[TeacherItem | None], CachedTeacher | CrossCachedTeacher | LiveTeacher | None]:
     """Make sure every example has a response and (for the cache source) cached teacher targets; returns one
-    item per example and the teacher source.
+    item per example and the teacher source (None on the sequence path: the answers are all it needs; a
+    `CrossCachedTeacher` with `vocab` on the cross-vocabulary path).
 
     Only the main process runs the teacher for generation and scoring; the others wait, then read what it
     wrote. A live source keeps the teacher loaded (on every process). Items are None for examples that yield
     no response token.
     """
     teacher = Teacher(params, device, teacher_tokenizer)
-    check_same_vocabulary(student_tokenizer, teacher.tokenizer)
-    live = params.teacher_source == "live"
+    path = path or choose_path(params, student_tokenizer, teacher.tokenizer)
+    if path.mode == "cross-vocabulary" and vocab is None:
+        raise ValueError("prepare_teacher: the cross-vocabulary path needs the vocabulary map")
+    live = params.teacher_source == "live" and path.needs_targets
     gen_settings = {
         "teacher": model_identity(params.teacher_model or ""),
         "dtype": str(teacher_dtype(device, params.mixed_precision)),
@@ -459,7 +518,7 @@ def prepare_teacher(
     meta = cache_meta(params, device)
     cache_folder = os.path.join(project_dir, CACHE_DIR, _hash(meta))
     # Only the main process writes (and may cut a torn tail off) the cache; the others open it when it is done.
-    cache = TargetCache(cache_folder, meta) if is_main and not live else None
+    cache = TargetCache(cache_folder, meta) if is_main and not live and path.needs_targets else None
     outputs_path = os.path.join(project_dir, OUTPUTS_FILE)
 
     prompt_ids = [teacher.prompt_ids(ex) for ex in examples]
@@ -506,20 +565,28 @@ def prepare_teacher(
             if rec is None:
                 raise RuntimeError(f"teacher output for row {ex.source_row} is missing from {outputs_path}")
             resp = list(rec["response_ids"])
+            ended = bool(rec.get("finished", True))
         else:
-            resp = encode_response(student_tokenizer, ex.response, add_eos=params.add_eos_token)
+            # In the teacher's tokens: the same as the student's on the same-vocabulary path.
+            resp = encode_response(teacher.tokenizer, ex.response, add_eos=params.add_eos_token)
+            ended = params.add_eos_token and teacher.tokenizer.eos_token_id is not None
+        ended = ended and len(resp) <= params.distill_max_teacher_length
         resp = resp[: params.distill_max_teacher_length]
         if not resp:
             items.append(None)
             continue
         key = _target_key(prompt_ids[i], resp)
-        items.append(TeacherItem(resp, key, prompt_ids[i]))
+        items.append(TeacherItem(resp, key, prompt_ids[i], ended))
         if cache is not None and key not in cache and key not in scheduled:
             scheduled.add(key)  # repeated rows are scored once
             to_score.append(i)
 
     if live:
         return items, LiveTeacher(teacher)
+    if not path.needs_targets:
+        teacher.free()
+        wait()
+        return items, None
     if cache is not None and to_score:
         order = sorted(to_score, key=lambda i: len(prompt_ids[i]) + len(items[i].response_ids))  # type: ignore[union-attr]
         bar = tqdm(total=len(order), desc="teacher: scoring responses", unit="row", disable=not show_progress)
@@ -536,6 +603,9 @@ def prepare_teacher(
     missing_targets = [it.target_key for it in items if it is not None and it.target_key not in cache]
     if missing_targets:
         raise RuntimeError(f"{len(missing_targets)} teacher targets are missing from {cache_folder}")
+    if path.mode == "cross-vocabulary":
+        assert vocab is not None
+        return items, CrossCachedTeacher(cache, vocab)
     return items, CachedTeacher(cache)
 
 

@@ -112,6 +112,7 @@ class Item:
     n_prompt: int
     target_key: str | None = None
     teacher_prompt: list[int] | None = None
+    teacher_rows: list[int] | None = None  # per response token, its teacher row (another vocabulary; -1: none)
 
 
 def collate(items: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
@@ -131,22 +132,32 @@ def batch_targets(items: Sequence[Item], source: Any) -> Targets | None:
 
 def student_items(
     examples: Sequence[data_mod.Example], teacher_items: Sequence[Any], tokenizer: Any, params: LLMTrainingParams,
-    chat_template: str | None,
+    chat_template: str | None, aligner: Any = None,
 ) -> list[Item | None]:
-    """The student's sequence of each example: its own prompt rendering + the response ids the teacher scored."""
+    """The student's sequence of each example: its own prompt rendering + the response ids the teacher scored,
+    or, for a teacher with another tokenizer (`aligner`: an `align.ResponseAligner`), the answer's text in the
+    student's tokens with the teacher row of each."""
     items: list[Item | None] = []
     for i, (ex, t) in enumerate(zip(examples, teacher_items, strict=True)):
         if t is None or ex.messages is None:
             items.append(None)
             continue
         prompt, special = data_mod.render_prompt(tokenizer, ex.messages, params.student_prompt_template, chat_template)
+        response, rows = t.response_ids, None
+        if aligner is not None:
+            aligned = aligner(t.response_ids, t.ended)
+            response, rows = aligned.student_ids, aligned.teacher_rows
         seq = data_mod.build_sequence(
             data_mod.encode(tokenizer, prompt, add_special_tokens=special),
-            t.response_ids,
+            response,
             block_size=params.block_size,
             example_index=i,
         )
-        items.append(Item(seq.input_ids, seq.n_prompt, t.target_key, t.teacher_prompt) if seq else None)
+        if seq is None:
+            items.append(None)
+            continue
+        kept = None if rows is None else rows[: len(seq.input_ids) - seq.n_prompt]
+        items.append(Item(seq.input_ids, seq.n_prompt, t.target_key, t.teacher_prompt, kept))
     return items
 
 
@@ -299,15 +310,22 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     source = None
     timings: dict[str, float] = {}
     run_started = time.time()
+    path = None
     if params.use_distillation:
-        from aitraining.teacher import check_same_vocabulary, prepare_teacher
+        from aitraining.teacher import choose_path, prepare_teacher
 
         teacher_tokenizer = models.load_tokenizer(
             params.teacher_model or "", trust_remote_code=params.trust_remote_code, token=params.token,
             flag="--teacher-model",
         )
-        check_same_vocabulary(tokenizer, teacher_tokenizer)
+        path = choose_path(params, tokenizer, teacher_tokenizer)
+        aligner = None
+        if not path.same_tokenizer:
+            from aitraining.align import ResponseAligner
+
+            aligner = ResponseAligner(tokenizer, teacher_tokenizer, text_only=not path.needs_targets)
         start_project()
+        log.info("distillation: %s", path.describe())
         all_examples = train_examples + valid_examples
         teacher_started = time.time()
         teacher_items, source = prepare_teacher(
@@ -320,9 +338,18 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
             wait=accelerator.wait_for_everyone,
             show_progress=show_progress,
             teacher_tokenizer=teacher_tokenizer,
+            path=path,
+            vocab=aligner.vocab if aligner is not None and path.needs_targets else None,
         )
         timings["teacher_s"] = round(time.time() - teacher_started, 2)
-        items = student_items(all_examples, teacher_items, tokenizer, params, chat_template)
+        items = student_items(all_examples, teacher_items, tokenizer, params, chat_template, aligner)
+        if path.mode == "cross-vocabulary":
+            rows = [r for it in items if it is not None and it.teacher_rows for r in it.teacher_rows]
+            share = sum(r >= 0 for r in rows) / max(len(rows), 1)
+            timings["aligned_token_share"] = round(share, 4)
+            log.info("across vocabularies: %.1f%% of the student's answer tokens have a teacher position predicting the "
+                     "same text (%d shared tokens); the rest learn from the labels only", 100 * share,
+                     int((aligner.vocab.to_student >= 0).sum()))
         train_items = [it for it in items[: len(train_examples)] if it is not None]
         valid_items = [it for it in items[len(train_examples) :] if it is not None]
     else:
@@ -356,7 +383,7 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     objective = Objective(
         model,
         temperature=params.distill_temperature,
-        alpha=params.distill_alpha if params.use_distillation else 0.0,
+        alpha=params.distill_alpha if source is not None else 0.0,
         kind=params.distill_loss,
         beta=params.distill_beta,
         chunk_size=params.loss_chunk_size,
@@ -476,9 +503,11 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
         final["train_s"] = round(time.time() - started, 2)
         final.update(timings)
         final["total_s"] = round(time.time() - run_started, 2)
+        described = path.describe() if path is not None else None
         _save_final(accelerator.unwrap_model(objective).model, tokenizer, project, params, final,
-                    n_train=len(train_items), n_valid=len(valid_items))
-        _write_run_file(project, params, "finished", final_metrics=final)
+                    n_train=len(train_items), n_valid=len(valid_items), distill_path=described)
+        _write_run_file(project, params, "finished", final_metrics=final,
+                        **({"distill_path": described} if described else {}))
     accelerator.wait_for_everyone()
     return project
 
@@ -584,7 +613,8 @@ def _save_checkpoint(accelerator: Any, project: str, params: LLMTrainingParams, 
 
 
 def _save_final(
-    model: Any, tokenizer: Any, project: str, params: LLMTrainingParams, final: dict[str, Any], *, n_train: int, n_valid: int
+    model: Any, tokenizer: Any, project: str, params: LLMTrainingParams, final: dict[str, Any], *, n_train: int, n_valid: int,
+    distill_path: str | None = None,
 ) -> None:
     from aitraining.card import write_model_card
 
@@ -598,7 +628,7 @@ def _save_final(
     else:
         model.save_pretrained(project, safe_serialization=True)
     tokenizer.save_pretrained(project)
-    write_model_card(project, params, final, n_train=n_train, n_valid=n_valid)
+    write_model_card(project, params, final, n_train=n_train, n_valid=n_valid, distill_path=distill_path)
 
 
 def _setup_file_log(project: str, is_main: bool) -> None:

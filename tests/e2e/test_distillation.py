@@ -307,22 +307,142 @@ def test_padded_embedding_rows_are_the_same_vocabulary(smol_tokenizer_dir, promp
     assert int(cache.get(key).ids.max()) < len(tok)
 
 
-def test_a_different_tokenizer_is_a_clear_error(smol_tokenizer_dir, tiny_student, prompts_file, tmp_path, capsys):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def _other_tokenizer_student(real_tokenizers, folder: Path) -> str:
+    """A tiny student with Llama 2's SentencePiece tokenizer (32,000 tokens), against the SmolLM2 byte-level BPE
+    (49,152) of the tiny teachers."""
+    tok = real_tokenizers["llama-spm"]
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
 
-    raw = Tokenizer(models.BPE(unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel()
-    raw.train_from_iterator(["a small corpus for a small tokenizer"] * 20,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
-    other = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
-    teacher = _tiny_with(other, tmp_path / "other", len(other), 2)
-    project = tmp_path / "x"
+
+def test_a_teacher_with_another_tokenizer_is_distilled_across_vocabularies(real_tokenizers, tiny_teacher, tmp_path, caplog):
+    """Another tokenizer is detected from the tokenizers, the run says which path it takes and why (and the model
+    card and run file keep it), and the cross-vocabulary loss teaches: with the whole teacher distribution cached
+    (k = V, so the loss is the exact projected KL), alpha = 1 and T = 1 (the temperature of the measurement: a tiny
+    random teacher's tempered and untempered distributions are too unlike for one to stand for the other), the
+    held-out KL to the teacher over what both vocabularies can write falls to under 0.65 of the untrained
+    student's (measured: 0.37)."""
+    import logging
+
+    student = _other_tokenizer_student(real_tokenizers, tmp_path / "student")
+    teacher = sharpened(tiny_teacher, tmp_path / "sharp", 4.0)
+    data = tmp_path / "data"
+    rows = [{"prompt": p, "response": r} for p, r in PAIRS]
+    write_jsonl(data / "train.jsonl", rows[:6] * 3)
+    write_jsonl(data / "valid.jsonl", rows[6:])
+    project = tmp_path / "kd"
+    with caplog.at_level(logging.INFO, logger="aitraining"):
+        assert main(["llm", "--train", "--model", student, "--teacher-model", teacher, "--data-path", str(data),
+                     "--project-name", str(project), "--use-distillation", "--distill-alpha", "1", "--epochs", "4",
+                     "--lr", "3e-3", "--batch-size", "6", "--distill-top-k", "49152", "--distill-tail-samples", "0",
+                     "--distill-temperature", "1", "--valid-split", "valid"]) == 0
+    said = caplog.text
+    assert "across vocabularies" in said and "different vocabularies" in said and "32,000 tokens" in said
+    run = json.loads((project / "run.json").read_text())
+    assert "across vocabularies" in run["distill_path"]
+    assert "Path: logit-level distillation across vocabularies" in (project / "README.md").read_text()
+    assert run["final_metrics"]["aligned_token_share"] > 0.6  # plain English: most tokens align
+    evals = [r for r in map(json.loads, (project / "metrics.jsonl").read_text().splitlines()) if "eval_kl_to_teacher" in r]
+    assert evals[0]["step"] == 0 and len(evals) == 5
+    assert evals[-1]["eval_kl_to_teacher"] < 0.65 * evals[0]["eval_kl_to_teacher"]
+    assert AutoTokenizer.from_pretrained(project).vocab_size == 32000  # the student keeps its own tokenizer
+
+
+def test_across_vocabularies_each_student_token_gets_the_teacher_row_of_the_same_text(
+        real_tokenizers, tiny_teacher, tmp_path, monkeypatch):
+    """The real batches of a cross-vocabulary run, captured at the student's loss: the student trained on its own
+    tokens of the answers, and at every student position that has a teacher row, that row is the teacher's
+    distribution given its prompt and the answer's text up to that student token (made here independently:
+    the student's tokens before it decoded, re-tokenized by the teacher, scored live), the teacher's ids read
+    in the student's vocabulary; the student's label there is the teacher's token for the same text."""
+    rows = [
+        {"prompt": "Name a colour", "response": "Blue, like the sky and the deep ocean."},
+        {"prompt": "Count to three", "response": "1, 2, 3 and then 12345."},
+        {"prompt": "Emoji?", "response": "Sure 🙂  twice, naïve café.\n\nDone."},
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    student = _other_tokenizer_student(real_tokenizers, tmp_path / "student")
+    batches = []
+    real_forward = Objective.forward
+
+    def forward(self, input_ids, attention_mask, n_prompt, teacher=None, weight=1.0):
+        batches.append((input_ids.clone(), attention_mask.clone(), n_prompt.clone(), teacher))
+        return real_forward(self, input_ids, attention_mask, n_prompt, teacher, weight)
+
+    monkeypatch.setattr(Objective, "forward", forward)
+    assert main(["llm", "--train", "--model", student, "--teacher-model", tiny_teacher, "--data-path", data,
+                 "--project-name", str(tmp_path / "p"), "--use-distillation", "--distill-top-k", "8",
+                 "--distill-tail-samples", "6", "--epochs", "1", "--batch-size", "3", "--mixed-precision", "no"]) == 0
+    s_tok, t_tok = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(tiny_teacher)
+    params = params_for(student, tiny_teacher, data, tmp_path / "x", distill_top_k=8, distill_tail_samples=6,
+                        mixed_precision="no")
+    teacher = Teacher(params, torch.device("cpu"))
+    (input_ids, mask, n_prompt, targets), = batches
+    sel = target_positions(mask, n_prompt)
+    labels = input_ids[:, 1:][sel[:, :-1]].tolist()
+    by_prompt = {r["prompt"]: r["response"] for r in rows}
+    start = checked = 0
+    for row in range(input_ids.shape[0]):
+        ids = input_ids[row, : int(mask[row].sum())].tolist()
+        n = int(n_prompt[row])
+        prompt = s_tok.decode(ids[:n], skip_special_tokens=True).strip()
+        response = by_prompt[prompt]
+        assert ids[n:] == s_tok(response, add_special_tokens=False)["input_ids"] + [s_tok.eos_token_id]
+        assert labels[start : start + len(ids) - n] == ids[n:]
+        got = targets.index(slice(start, start + len(ids) - n))
+        t_prompt = teacher.prompt_ids(Example(messages=[{"role": "user", "content": prompt}]))
+        t_full = t_tok(response, add_special_tokens=False)["input_ids"]
+        live = teacher.score([(t_prompt, t_full + [t_tok.eos_token_id])])[0]
+        # The naive reference: where a prefix of the teacher's tokens decodes to the text before student token i.
+        at_text = {t_tok.decode(t_full[:j], clean_up_tokenization_spaces=False): j for j in range(len(t_full) + 1)}
+        body = ids[n:-1]
+        for i in range(len(ids) - n):
+            if not got.aligned[i]:
+                continue
+            prefix = s_tok.decode(body[:i], skip_special_tokens=True, clean_up_tokenization_spaces=False) if i else ""
+            j = at_text[prefix]
+            want_ids = got.vocab.to_student[live.ids[j, :8]]
+            assert torch.equal(got.vocab.to_student[got.teacher.ids[i, :8]], want_ids), (i, prefix)
+            torch.testing.assert_close(got.teacher.logp[i], live.logp[j], atol=8e-3, rtol=0)
+            label = t_full[j] if j < len(t_full) else t_tok.eos_token_id
+            assert int(got.vocab.to_student[label]) == ids[n + i]
+            checked += 1
+        start += len(ids) - n
+    assert start == len(labels) == len(targets)
+    assert checked > 0.6 * len(labels)
+
+
+def test_sequence_level_distillation_learns_the_teachers_text(real_tokenizers, tiny_teacher, prompts_file, tmp_path):
+    """--distill-mode sequence: the teacher writes the answers, the student (another tokenizer) learns them as
+    text; no logits are cached and the distillation term is zero."""
+    student = _other_tokenizer_student(real_tokenizers, tmp_path / "student")
+    project = tmp_path / "seq"
+    assert main(["llm", "--train", "--model", student, "--teacher-model", tiny_teacher, "--data-path", prompts_file,
+                 "--project-name", str(project), "--use-distillation", "--distill-mode", "sequence",
+                 "--distill-max-teacher-length", "8", "--epochs", "1"]) == 0
+    final = json.loads((project / "run.json").read_text())["final_metrics"]
+    assert final["kd"] == 0.0 and final["ce"] > 0
+    assert not (project / "teacher_cache").exists() or not any((project / "teacher_cache").iterdir())
+    assert "sequence-level" in (project / "README.md").read_text()
+    outputs = [json.loads(x) for x in (project / "teacher_outputs.jsonl").read_text().splitlines()]
+    assert len(outputs) == len(PAIRS)
+
+
+def test_a_live_teacher_with_another_tokenizer_is_a_clear_error(real_tokenizers, tiny_teacher, prompts_file, tmp_path, capsys):
+    student = _other_tokenizer_student(real_tokenizers, tmp_path / "student")
     capsys.readouterr()
-    assert main(["llm", "--train", "--model", tiny_student, "--teacher-model", teacher, "--data-path", prompts_file,
-                 "--project-name", str(project), "--use-distillation"]) == 2
+    assert main(["llm", "--train", "--model", student, "--teacher-model", tiny_teacher, "--data-path", prompts_file,
+                 "--project-name", str(tmp_path / "x"), "--use-distillation", "--teacher-source", "live"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "different tokenizer" in err[0]
+    assert len(err) == 1 and "--teacher-source live" in err[0] and "--distill-mode sequence" in err[0]
+    assert not (tmp_path / "x").exists()
 
 
 def test_bundled_teacher_prune_then_distill(bundled_gguf, shared_data, tmp_path):
