@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo example-across-tokenizers test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
+example-across-tokenizers: $(STAMP) $(VOCAB)
+	$(PY) examples/across_tokenizers.py
+
 test: $(STAMP) $(VOCAB)
 	$(PY) -m pytest -q
 
@@ -33,4 +36,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) demo-output
+	rm -rf $(VENV) demo-output across-tokenizers-output

@@ -276,8 +276,10 @@ def shared_vocabulary(student: Any, teacher: Any) -> tuple[list[int], list[int]]
 
 
 def vocabulary_map(student: Any, teacher: Any) -> VocabularyMap:
-    """The teacher-to-student id map of `shared_vocabulary`, plus the end of the answer: the teacher's EOS
-    reads as the student's (Note [Across vocabularies] in losses.py)."""
+    """How the teacher's ids read in the student's vocabulary (Note [Across vocabularies] in losses.py): the
+    one-to-one map of `shared_vocabulary`, with the teacher's EOS read as the student's; and each teacher token's
+    first piece in the student's tokens (itself where shared, else the longest student token that its bytes start
+    with: " Portuguese" is " Portug" + ... to a student without the whole word)."""
     import torch
 
     from aitraining.losses import VocabularyMap
@@ -290,7 +292,20 @@ def vocabulary_map(student: Any, teacher: Any) -> VocabularyMap:
         to_student[teacher.eos_token_id] = student.eos_token_id
     unshared = torch.ones(len(student), dtype=torch.bool)
     unshared[to_student[to_student >= 0]] = False
-    return VocabularyMap(to_student, unshared)
+    s_pieces = student.convert_ids_to_tokens(list(range(len(student))))
+    by_bytes: dict[bytes, int] = {}
+    for i, b in enumerate(token_bytes(student)):
+        if b and (b not in by_bytes or _BYTE_FALLBACK.match(s_pieces[by_bytes[b]] or "")):
+            by_bytes[b] = i
+    first_piece = to_student.clone()
+    for i, b in enumerate(token_bytes(teacher)):
+        if first_piece[i] >= 0 or not b:
+            continue
+        for end in range(len(b), 0, -1):
+            if b[:end] in by_bytes:
+                first_piece[i] = by_bytes[b[:end]]
+                break
+    return VocabularyMap(to_student, unshared, first_piece)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,12 @@ and by the demo:
 - `rouge_l`: ROUGE-L F-measure of the student's answers against the teacher's (the `rouge-score` package).
 - `TeacherReference`: the exact (live, float32) teacher on its answers to held-out prompts, computed once, and
   any student compared to it: exact KL, top-1 agreement, label loss, ROUGE-L of the student's greedy answers.
+- `TextReference`: the same comparison on text, for students with any tokenizer: the student's negative
+  log-likelihood of the teacher's answers per byte, minus the teacher's own, and ROUGE-L.
+
+With a teacher of another vocabulary (`CrossTargets`) the in-training KL and top-1 agreement are taken at the
+student positions that have a teacher position predicting the same text, over the projected buckets
+(Note [Across vocabularies] in losses.py).
 """
 
 from __future__ import annotations
@@ -241,7 +247,9 @@ class TextReference:
         rows = self._rows(tokenizer, self.params.student_prompt_template)
         nll = -sum(answer_log_likelihoods(model, rows))
         prompts = [p for p, _ in rows]
-        longest = max(len(a) for _, a in rows)
+        # The same text takes another number of tokens in another vocabulary (and a model may write what its
+        # tokenizer would merge piece by piece): room for 1.5x the longest answer, plus a few.
+        longest = int(1.5 * max(len(a) for _, a in rows)) + 4
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         stop = models.stop_ids(tokenizer, model)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

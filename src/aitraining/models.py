@@ -159,7 +159,8 @@ def _load_error(flag: str, name: str, what: str, error: BaseException) -> UserEr
 def load_tokenizer(
     name: str, *, trust_remote_code: bool = False, token: str | None = None, flag: str = "--model"
 ) -> PreTrainedTokenizerBase:
-    """Load the tokenizer of a model given as a folder, ``.gguf`` file or hub id.
+    """Load the tokenizer of a model given as a folder, ``.gguf`` file or hub id (or a folder holding only a
+    tokenizer).
 
     A missing pad token is set to the eos token, since batching needs one and causal LMs rarely define it.
 
@@ -168,7 +169,11 @@ def load_tokenizer(
     """
     from transformers import AutoTokenizer
 
-    source = resolve_model_source(name, flag=flag)
+    path = os.path.expanduser(name)
+    if os.path.isfile(os.path.join(path, "tokenizer.json")) and not os.path.isfile(os.path.join(path, "config.json")):
+        source = ModelSource(folder=path, gguf_file=None, is_local=True)  # a tokenizer saved on its own
+    else:
+        source = resolve_model_source(name, flag=flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source.folder, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code, token=token

@@ -45,3 +45,19 @@ def assert_same_weights(a: str, b: str, atol: float = 1e-6) -> None:
 def max_weight_change(a: str, b: str) -> float:
     wa, wb = weights(a), weights(b)
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def other_tokenizer_student(tokenizer, folder: Path) -> str:
+    """A tiny Llama with the given tokenizer (the tests use Llama 2's SentencePiece, 32,000 tokens, against the
+    SmolLM2 byte-level BPE, 49,152, of the tiny teachers and the bundled one)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

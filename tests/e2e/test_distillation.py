@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PAIRS, write_jsonl
+from helpers import PAIRS, other_tokenizer_student, write_jsonl
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from aitraining.cli import main
@@ -308,18 +308,7 @@ def test_padded_embedding_rows_are_the_same_vocabulary(smol_tokenizer_dir, promp
 
 
 def _other_tokenizer_student(real_tokenizers, folder: Path) -> str:
-    """A tiny student with Llama 2's SentencePiece tokenizer (32,000 tokens), against the SmolLM2 byte-level BPE
-    (49,152) of the tiny teachers."""
-    tok = real_tokenizers["llama-spm"]
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return other_tokenizer_student(real_tokenizers["llama-spm"], folder)
 
 
 def test_a_teacher_with_another_tokenizer_is_distilled_across_vocabularies(real_tokenizers, tiny_teacher, tmp_path, caplog):

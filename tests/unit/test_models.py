@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -480,3 +481,45 @@ def test_count_parameters_counts_tied_weights_once(tiny_model_factory: Callable[
         parameter.requires_grad_(False)
     frozen = sum(p.numel() for p in model.model.layers.parameters())
     assert count_parameters(model, trainable_only=True) == expected - frozen
+
+
+# ------------------------------------------------------------------------------------------------ transplant
+
+
+def test_transplant_rows_are_the_means_of_the_old_pieces(tiny_model_factory: Callable[..., str],
+                                                         real_tokenizers: dict, tmp_path: Path) -> None:
+    """A tiny SmolLM2-tokenizer model given Llama 2's tokenizer: a shared token keeps its row, a token the old
+    vocabulary writes in two pieces gets their mean, a byte-fallback piece the old byte's row, EOS the old EOS's;
+    a text whose tokens all exist in both gets the very same logits on those tokens; saved and reloaded through
+    the command line, with the old chat template."""
+    from aitraining.cli import main
+
+    folder = tiny_model_factory(n_layers=1, seed=4)
+    old, new = AutoTokenizer.from_pretrained(folder), real_tokenizers["llama-spm"]
+    new_folder = tmp_path / "spm-tokenizer"
+    new.save_pretrained(new_folder)
+    out = tmp_path / "transplanted"
+    assert main(["transplant", "--model", folder, "--tokenizer", str(new_folder), "--output", str(out)]) == 0
+    a, b = AutoModelForCausalLM.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(out)
+    got_tok = AutoTokenizer.from_pretrained(out)
+    assert b.config.vocab_size == len(new) == 32000 and got_tok.chat_template == old.chat_template
+    assert b.config.eos_token_id == new.eos_token_id
+    wa, wb = a.get_input_embeddings().weight, b.get_input_embeddings().weight
+
+    def row(tok: Any, piece: str) -> int:
+        return tok.convert_tokens_to_ids(piece)
+
+    torch.testing.assert_close(wb[row(new, "▁the")], wa[row(old, "Ġthe")])
+    torch.testing.assert_close(wb[row(new, "<0x0A>")], wa[row(old, "Ċ")])
+    torch.testing.assert_close(wb[new.eos_token_id], wa[old.eos_token_id])
+    two = [t for t in new.get_vocab() if t.startswith("▁") and len(old(t.replace("▁", " "), add_special_tokens=False)["input_ids"]) == 2]
+    piece = sorted(two)[0]
+    ids = old(piece.replace("▁", " "), add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(wb[row(new, piece)], wa[ids].mean(0))
+    text_new = [row(new, p) for p in ("▁the", "▁cat", "▁is", "▁on", "▁the")]
+    text_old = [row(old, p) for p in ("Ġthe", "Ġcat", "Ġis", "Ġon", "Ġthe")]
+    with torch.no_grad():
+        za = a(torch.tensor([text_old])).logits[0]
+        zb = b(torch.tensor([text_new])).logits[0]
+    torch.testing.assert_close(zb[:, text_new], za[:, text_old], atol=1e-5, rtol=1e-5)
+    assert main(["transplant", "--model", folder, "--tokenizer", str(new_folder), "--output", str(out)]) == 2
