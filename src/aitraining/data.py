@@ -18,6 +18,7 @@ whatever the prompt looked like: that is what lets teacher and student be aligne
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -118,8 +119,7 @@ def read_rows(
         rows = _read_json(path)
     elif suffix == ".csv":
         # utf-8-sig: spreadsheet programs start CSV files with a byte-order mark.
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -132,25 +132,36 @@ def read_rows(
     return rows, path
 
 
+def _read_text(path: str) -> str:
+    """A data file's text: UTF-8, a leading byte-order mark dropped; anything else is the user's to fix, with the
+    line that is not UTF-8 named (never a traceback)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"--data-path: {path} line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                        "save the file as UTF-8") from None
+
+
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"--data-path: {path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise UserError(f"--data-path: {path} line {lineno} is not a JSON object; each line must be {{...}}")
-            rows.append(row)
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--data-path: {path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"--data-path: {path} line {lineno} is not a JSON object; each line must be {{...}}")
+        rows.append(row)
     return rows
 
 
 def _read_json(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        content = f.read()
+    content = _read_text(path)
     try:
         data = json.loads(content)
     except json.JSONDecodeError as e:

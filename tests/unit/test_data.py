@@ -689,3 +689,24 @@ def test_encode_response_eos(tok: Any) -> None:
         tok.eos_token_id
     ]
     assert encode_response(tok, "Paris", add_eos=False) == encode(tok, "Paris", add_special_tokens=False)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path: Path, suffix: str) -> None:
+    """A file of random bytes (or one bad byte on line 3) is the user's to fix: a one-line error naming the file
+    and the line, never a UnicodeDecodeError traceback."""
+    path = tmp_path / f"d{suffix}"
+    good = json.dumps(PAIRS[0]) + "\n"
+    path.write_bytes((good * 2).encode() + b'{"prompt": "caf\xe9", "response": "x"}\n')
+    with pytest.raises(UserError, match=rf"{path.name} line 3 is not UTF-8 text \(byte 0xe9\)"):
+        load_examples(params(path))
+    path.write_bytes(bytes(range(128, 256)) * 20)
+    with pytest.raises(UserError, match=r"line 1 is not UTF-8 text"):
+        load_examples(params(path))
+
+
+def test_jsonl_with_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in PAIRS).encode())
+    train, _ = load_examples(params(path))
+    assert pairs_of(train) == EXPECTED_PAIRS
