@@ -706,7 +706,8 @@ def token_losses(
     """Per-token distillation loss.
 
     ``ce = -log softmax(z)[label]`` (T = 1), ``kd = teacher_divergence(...)`` at T,
-    ``loss = alpha * T^2 * kd + (1 - alpha) * ce``. Without a teacher, ``kd = 0`` and ``loss = ce``.
+    ``loss = alpha * T^2 * kd + (1 - alpha) * ce``. Without a teacher, ``kd = 0`` and ``loss = ce``; so too at the
+    positions of `CrossTargets` with no teacher position (unless alpha == 1: then they are not trained).
     With ``alpha == 0`` the kd term is not computed (zeros). ``ce`` is always computed (for logging);
     with ``alpha == 1`` it simply has weight 0.
 
@@ -743,6 +744,10 @@ def token_losses(
     soft = (alpha * temperature**2) * kd
     # Skip the zero-weighted ce term so a (theoretically possible) inf ce cannot turn into 0 * inf = NaN.
     loss = soft if alpha == 1.0 else soft + (1.0 - alpha) * ce
+    if isinstance(teacher, CrossTargets) and alpha < 1.0:
+        # A position with no teacher distribution (the two tokenizers split its text differently) has nothing to
+        # balance its label against: it learns from the label with full weight, as without distillation.
+        loss = torch.where(teacher.aligned, loss, ce)
     return loss, kd, ce
 
 

@@ -267,3 +267,18 @@ def test_tail_draws_reading_as_a_head_bucket_join_it() -> None:
     full, _, _ = kl_and_top1(s, cross(t, vocab, VT, 0, 3.0))
     a, b = naive_projection(s, t, vocab, 1.0)
     torch.testing.assert_close(full.double(), naive_rows(a, b, "forward_kl", BETA), atol=1e-5, rtol=1e-5)
+
+
+def test_positions_without_a_teacher_learn_from_their_label_with_full_weight() -> None:
+    """alpha balances the teacher against the label where there is a teacher; a student token whose text the
+    teacher splits otherwise has only its label, with weight 1 (as without distillation); alpha = 1 ignores labels."""
+    vocab = random_map(30)
+    s, t = logits(31, VS), logits(32, VT)
+    labels = torch.tensor([1, 2, 3, 4])
+    aligned = torch.tensor([True, False, True, False])
+    targets = cross(t, vocab, 5, 8, 3.0, aligned=aligned)
+    loss, kd, ce = token_losses(s, labels, targets, temperature=3.0, alpha=0.7)
+    torch.testing.assert_close(loss[~aligned], ce[~aligned])
+    torch.testing.assert_close(loss[aligned], 0.7 * 9 * kd[aligned] + 0.3 * ce[aligned])
+    loss1, kd1, _ = token_losses(s, labels, targets, temperature=3.0, alpha=1.0)
+    assert (loss1[~aligned] == 0).all() and torch.equal(loss1[aligned], 9 * kd1[aligned])
