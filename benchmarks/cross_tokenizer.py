@@ -36,8 +36,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from _measure import describe_machine, format_table, measure_command, utc_now_iso, write_json  # noqa: E402
-from _setup import bundled_teacher_folder, pruned_student, tiny_models  # noqa: E402
-from quality import HELDOUT_PROMPTS, N_HELDOUT, TRAIN_PROMPTS, read_prompts, teacher_answers, write_jsonl  # noqa: E402
+from quality import setup, teacher_answers, write_jsonl  # noqa: E402
 
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sequence": ("the teacher's answers as text (--distill-mode sequence)", ("--distill-mode", "sequence")),
@@ -95,19 +94,7 @@ def main() -> None:
     from aitraining.evaluate import TextReference
     from aitraining.params import LLMTrainingParams
 
-    work = Path(args.work)
-    if args.quick:
-        work = work / "quick"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        teacher, base = tiny_models(work)
-        train_prompts, heldout_prompts = read_prompts(TRAIN_PROMPTS)[:12], read_prompts(HELDOUT_PROMPTS)[-6:]
-        args.epochs, args.max_new_tokens, args.seeds = 1, 8, args.seeds[:1]
-    else:
-        work.mkdir(parents=True, exist_ok=True)
-        teacher = bundled_teacher_folder()
-        base = pruned_student(teacher, work / "student-8-layers")
-        train_prompts, heldout_prompts = read_prompts(TRAIN_PROMPTS), read_prompts(HELDOUT_PROMPTS)[-N_HELDOUT:]
+    work, teacher, base, train_prompts, heldout_prompts = setup(args)
     student = other_tokenizer_student(base, work / "student-llama2-tokenizer")
     # The teacher's answers are those of the quality benchmark (same prompts, same settings: reused if it ran).
     answers_dir = HERE / ".work" / "quality" if not args.quick else work

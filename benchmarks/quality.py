@@ -214,6 +214,23 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
     return checks
 
 
+def setup(args: argparse.Namespace) -> tuple[Path, str, str, list[str], list[str]]:
+    """(work folder, teacher, 8-layer student, training prompts, held-out prompts); with --quick tiny models, 12 + 6
+    prompts, one epoch, one seed and 8-token answers (the quick settings are written into `args`)."""
+    work = Path(args.work)
+    if args.quick:
+        work = work / "quick"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        teacher, student = tiny_models(work)
+        args.epochs, args.max_new_tokens, args.seeds = 1, 8, args.seeds[:1]
+        return work, teacher, student, read_prompts(TRAIN_PROMPTS)[:12], read_prompts(HELDOUT_PROMPTS)[-6:]
+    work.mkdir(parents=True, exist_ok=True)
+    teacher = bundled_teacher_folder()
+    student = pruned_student(teacher, work / "student-8-layers")
+    return work, teacher, student, read_prompts(TRAIN_PROMPTS), read_prompts(HELDOUT_PROMPTS)[-N_HELDOUT:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
@@ -226,20 +243,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "quality.json"))
     ap.add_argument("--quick", action="store_true", help="tiny models, 12 + 6 prompts, one epoch: for the tests")
     args = ap.parse_args()
-    work = Path(args.work)
-    if args.quick:
-        work = work / "quick"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        teacher, student = tiny_models(work)
-        train_prompts, heldout_prompts = read_prompts(TRAIN_PROMPTS)[:12], read_prompts(HELDOUT_PROMPTS)[-6:]
-        args.epochs, args.max_new_tokens = 1, 8
-        args.seeds = args.seeds[:1]
-    else:
-        work.mkdir(parents=True, exist_ok=True)
-        teacher = bundled_teacher_folder()
-        student = pruned_student(teacher, work / "student-8-layers")
-        train_prompts, heldout_prompts = read_prompts(TRAIN_PROMPTS), read_prompts(HELDOUT_PROMPTS)[-N_HELDOUT:]
+    work, teacher, student, train_prompts, heldout_prompts = setup(args)
     train_answers = teacher_answers(teacher, train_prompts, work / "answers-train.json", args.max_new_tokens, 16)
     heldout_answers = teacher_answers(teacher, heldout_prompts, work / "answers-heldout.json", args.max_new_tokens, 16)
     train_data = write_jsonl(work / "train_pairs.jsonl",

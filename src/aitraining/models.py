@@ -433,6 +433,16 @@ def _pruned_readme(model_name: str, kept: list[int], total: int) -> str:
     )
 
 
+def _output_folder(output: str, overwrite: bool) -> Path:
+    """The folder a command writes a model to: refused if it is a file, or not empty without ``overwrite``."""
+    out = Path(output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output: '{output}' is a file; pass a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--output: folder '{output}' is not empty; pick a new folder or pass --overwrite")
+    return out
+
+
 def prune_to_folder(
     model_name: str,
     num_layers: int,
@@ -458,11 +468,7 @@ def prune_to_folder(
     Raises:
         UserError: ``output`` is a file, or non-empty without ``overwrite``; or loading/pruning failed.
     """
-    out = Path(output).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output: '{output}' is a file; pass a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--output: folder '{output}' is not empty; pick a new folder or pass --overwrite")
+    out = _output_folder(output, overwrite)
 
     tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code, token=token)
     model = load_causal_lm(model_name, trust_remote_code=trust_remote_code, token=token)
@@ -546,11 +552,7 @@ def transplant_to_folder(
     """`transplant_tokenizer` of a model onto the tokenizer of another model (folder, .gguf or hub id), saved with
     that tokenizer to ``output``. A tokenizer without a chat template gets the model's own (the format the model
     was trained on; its markers are then plain text to the new tokenizer)."""
-    out = Path(output).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output: '{output}' is a file; pass a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--output: folder '{output}' is not empty; pick a new folder or pass --overwrite")
+    out = _output_folder(output, overwrite)
     old = load_tokenizer(model_name, trust_remote_code=trust_remote_code, token=token)
     new = load_tokenizer(tokenizer_name, trust_remote_code=trust_remote_code, token=token, flag="--tokenizer")
     for name, tok in (("--model", old), ("--tokenizer", new)):

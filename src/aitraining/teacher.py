@@ -402,7 +402,8 @@ class DistillPath:
             "same-vocabulary": "logit-level distillation, position by position over the shared vocabulary",
             "cross-vocabulary": "logit-level distillation across vocabularies: the teacher's answers are re-tokenized "
                                 "for the student and aligned by characters; the loss compares the two distributions "
-                                "on the tokens both vocabularies share",
+                                "where both can name the text (each teacher token read as the student token its "
+                                "text starts with)",
             "sequence": "sequence-level distillation: the student learns the teacher's answers as text (no logits)",
         }[self.mode]
         return f"{what} ({self.reason})"

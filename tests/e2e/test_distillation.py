@@ -68,6 +68,19 @@ def _strip_bos(tok, text: str) -> str:
     return text[len(tok.bos_token):] if tok.bos_token and text.startswith(tok.bos_token) else text
 
 
+def capture_loss_inputs(monkeypatch) -> list:
+    """What the student's loss really receives, batch by batch: (input_ids, attention_mask, n_prompt, teacher)."""
+    batches = []
+    real_forward = Objective.forward
+
+    def forward(self, input_ids, attention_mask, n_prompt, teacher=None, weight=1.0):
+        batches.append((input_ids.clone(), attention_mask.clone(), n_prompt.clone(), teacher))
+        return real_forward(self, input_ids, attention_mask, n_prompt, teacher, weight)
+
+    monkeypatch.setattr(Objective, "forward", forward)
+    return batches
+
+
 def test_what_the_teacher_scored_is_what_the_student_trained_on(tiny_teacher, tiny_student, tmp_path, monkeypatch):
     """The real sequences of a real run, captured where the teacher reads them and where the student's loss
     takes them: the teacher scored its own prompt rendering + the response; the student trained on its own
@@ -88,14 +101,7 @@ def test_what_the_teacher_scored_is_what_the_student_trained_on(tiny_teacher, ti
         return real_hidden(self, pairs)
 
     monkeypatch.setattr(Teacher, "hidden", hidden)
-    batches = []
-    real_forward = Objective.forward
-
-    def forward(self, input_ids, attention_mask, n_prompt, teacher=None, weight=1.0):
-        batches.append((input_ids.clone(), attention_mask.clone(), n_prompt.clone(), teacher))
-        return real_forward(self, input_ids, attention_mask, n_prompt, teacher, weight)
-
-    monkeypatch.setattr(Objective, "forward", forward)
+    batches = capture_loss_inputs(monkeypatch)
     template_t = "<|system|>You are helpful.<|user|>{input}<|assistant|>"
     assert main(["llm", "--train", "--model", tiny_student, "--teacher-model", tiny_teacher, "--data-path", data,
                  "--project-name", str(tmp_path / "p"), "--use-distillation", "--chat-template", "none",
@@ -358,14 +364,7 @@ def test_across_vocabularies_each_student_token_gets_the_teacher_row_of_the_same
     ]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     student = _other_tokenizer_student(real_tokenizers, tmp_path / "student")
-    batches = []
-    real_forward = Objective.forward
-
-    def forward(self, input_ids, attention_mask, n_prompt, teacher=None, weight=1.0):
-        batches.append((input_ids.clone(), attention_mask.clone(), n_prompt.clone(), teacher))
-        return real_forward(self, input_ids, attention_mask, n_prompt, teacher, weight)
-
-    monkeypatch.setattr(Objective, "forward", forward)
+    batches = capture_loss_inputs(monkeypatch)
     assert main(["llm", "--train", "--model", student, "--teacher-model", tiny_teacher, "--data-path", data,
                  "--project-name", str(tmp_path / "p"), "--use-distillation", "--distill-top-k", "8",
                  "--distill-tail-samples", "6", "--epochs", "1", "--batch-size", "3", "--mixed-precision", "no"]) == 0
