@@ -253,21 +253,23 @@ def token_bytes(tokenizer: Any) -> list[bytes | None]:
     return out
 
 
-def shared_vocabulary(student: Any, teacher: Any) -> tuple[list[int], list[int]]:
-    """Pairs of (student id, teacher id) whose tokens stand for the same bytes of text.
+def _ids_by_bytes(tok: Any, table: list[bytes | None]) -> dict[bytes, int]:
+    """bytes -> the token id writing them; where a vocabulary writes the same bytes twice (a byte-fallback piece
+    "<0x20>" and a plain "▁"), the plain piece, which is the one its tokenizer produces."""
+    pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+    ids: dict[bytes, int] = {}
+    for i, b in enumerate(table):
+        if b and (b not in ids or _BYTE_FALLBACK.match(pieces[ids[b]] or "")):
+            ids[b] = i
+    return ids
 
-    Where one vocabulary writes the same bytes twice (a byte-fallback piece "<0x20>" and a plain "▁"), the plain
-    piece is kept: it is the one that the tokenizer produces.
-    """
-    def first_ids(tok: Any) -> dict[bytes, int]:
-        pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
-        ids: dict[bytes, int] = {}
-        for i, b in enumerate(token_bytes(tok)):
-            if b and (b not in ids or _BYTE_FALLBACK.match(pieces[ids[b]] or "")):
-                ids[b] = i
-        return ids
 
-    s_ids, t_ids = first_ids(student), first_ids(teacher)
+def shared_vocabulary(student: Any, teacher: Any, tables: tuple[list[bytes | None], list[bytes | None]] | None = None
+                      ) -> tuple[list[int], list[int]]:
+    """Pairs of (student id, teacher id) whose tokens stand for the same bytes of text (`_ids_by_bytes`);
+    ``tables``: the two `token_bytes` tables when the caller has them."""
+    s_table, t_table = tables or (token_bytes(student), token_bytes(teacher))
+    s_ids, t_ids = _ids_by_bytes(student, s_table), _ids_by_bytes(teacher, t_table)
     common = sorted(s_ids.keys() & t_ids.keys(), key=lambda b: s_ids[b])
     return [s_ids[b] for b in common], [t_ids[b] for b in common]
 
@@ -275,7 +277,8 @@ def shared_vocabulary(student: Any, teacher: Any) -> tuple[list[int], list[int]]
 # ----------------------------------------------------------------------------------- a response in both
 
 
-def vocabulary_map(student: Any, teacher: Any) -> VocabularyMap:
+def vocabulary_map(student: Any, teacher: Any,
+                   tables: tuple[list[bytes | None], list[bytes | None]] | None = None) -> VocabularyMap:
     """How the teacher's ids read in the student's vocabulary (Note [Across vocabularies] in losses.py): the
     one-to-one map of `shared_vocabulary`, with the teacher's EOS read as the student's; and each teacher token's
     first piece in the student's tokens (itself where shared, else the longest student token that its bytes start
@@ -284,7 +287,8 @@ def vocabulary_map(student: Any, teacher: Any) -> VocabularyMap:
 
     from aitraining.losses import VocabularyMap
 
-    s_ids, t_ids = shared_vocabulary(student, teacher)
+    s_table, t_table = tables or (token_bytes(student), token_bytes(teacher))
+    s_ids, t_ids = shared_vocabulary(student, teacher, (s_table, t_table))
     to_student = torch.full((len(teacher),), -1, dtype=torch.long)
     to_student[torch.tensor(t_ids, dtype=torch.long)] = torch.tensor(s_ids, dtype=torch.long)
     if teacher.eos_token_id is not None and student.eos_token_id is not None:
@@ -292,13 +296,9 @@ def vocabulary_map(student: Any, teacher: Any) -> VocabularyMap:
         to_student[teacher.eos_token_id] = student.eos_token_id
     unshared = torch.ones(len(student), dtype=torch.bool)
     unshared[to_student[to_student >= 0]] = False
-    s_pieces = student.convert_ids_to_tokens(list(range(len(student))))
-    by_bytes: dict[bytes, int] = {}
-    for i, b in enumerate(token_bytes(student)):
-        if b and (b not in by_bytes or _BYTE_FALLBACK.match(s_pieces[by_bytes[b]] or "")):
-            by_bytes[b] = i
+    by_bytes = _ids_by_bytes(student, s_table)
     first_piece = to_student.clone()
-    for i, b in enumerate(token_bytes(teacher)):
+    for i, b in enumerate(t_table):
         if first_piece[i] >= 0 or not b:
             continue
         for end in range(len(b), 0, -1):
@@ -334,7 +334,7 @@ class ResponseAligner:
         self.student, self.teacher, self.text_only = student, teacher, text_only
         if not text_only:
             self.s_bytes, self.t_bytes = token_bytes(student), token_bytes(teacher)
-            self.vocab = vocabulary_map(student, teacher)
+            self.vocab = vocabulary_map(student, teacher, (self.s_bytes, self.t_bytes))
 
     def __call__(self, teacher_ids: Sequence[int], ended: bool) -> ResponseAlignment:
         """``ended``: the answer's last id is the teacher's stop token (it ended the answer itself); the student's
