@@ -58,7 +58,7 @@ def other_tokenizer_student(base: str, folder: Path) -> str:
 def train_arm(arm: str, seed: int, student: str, teacher: str, data: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     project = work / "runs" / f"{arm}-seed{seed}"
     cli = str(Path(sys.executable).parent / "aitraining")
-    argv = [cli, "llm", "--train", "--model", student, "--teacher-model", teacher, "--data-path", data,
+    argv = [cli, "llm", "--train", "--holdout-share", "0", "--model", student, "--teacher-model", teacher, "--data-path", data,
             "--project-name", str(project), "--use-distillation", "--epochs", str(args.epochs),
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(seed), "--warmup-ratio", "0.1",
             "--logging-steps", "10", "--distill-max-teacher-length", str(args.max_new_tokens + 1), *ARMS[arm][1]]

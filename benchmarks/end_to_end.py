@@ -60,7 +60,7 @@ def run_ours(teacher: str, student: str, data: str, project: Path, *, epochs: in
     """One `aitraining` run in a subprocess; float32 unless `extra` names a precision (like for like with the
     naive loop, which is float32)."""
     cli = str(Path(sys.executable).parent / "aitraining")
-    argv = [cli, "llm", "--train", "--model", student, "--teacher-model", teacher, "--data-path", data,
+    argv = [cli, "llm", "--train", "--holdout-share", "0", "--model", student, "--teacher-model", teacher, "--data-path", data,
             "--project-name", str(project), "--use-distillation", "--epochs", str(epochs), "--batch-size", str(BATCH),
             "--lr", str(LR), "--distill-temperature", str(TEMPERATURE), "--distill-alpha", str(ALPHA),
             "--block-size", str(max_len), "--distill-max-teacher-length", str(max_len), "--logging-steps", "1000",

@@ -100,7 +100,7 @@ def run_trl(python: str, teacher: str, student: str, data: str, out: Path, args:
 def run_ours(teacher: str, student: str, data: str, project: Path, args: argparse.Namespace) -> dict[str, Any]:
     cli = str(Path(sys.executable).parent / "aitraining")
     shutil.rmtree(project, ignore_errors=True)
-    argv = [cli, "llm", "--train", "--model", student, "--teacher-model", teacher, "--data-path", data,
+    argv = [cli, "llm", "--train", "--holdout-share", "0", "--model", student, "--teacher-model", teacher, "--data-path", data,
             "--project-name", str(project), "--use-distillation", "--epochs", str(args.epochs),
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", "0", "--warmup-ratio", "0.1",
             "--distill-max-teacher-length", str(args.max_new_tokens + 1), "--logging-steps", "10"]

@@ -70,7 +70,7 @@ def main() -> int:
     print(f"[2/4] aitraining llm --train --model {os.path.basename(student)} --teacher-model {os.path.basename(teacher)} "
           "--use-distillation (the teacher answers every prompt once, held-out ones too)")
     if not finished(logits):
-        done = subprocess.run([cli, "llm", "--train", "--model", student, "--teacher-model", teacher, "--data-path",
+        done = subprocess.run([cli, "llm", "--train", "--holdout-share", "0", "--model", student, "--teacher-model", teacher, "--data-path",
                                data, "--valid-split", "valid", "--project-name", logits, "--use-distillation", *BUDGET])
         if done.returncode != 0:
             return done.returncode
@@ -84,7 +84,7 @@ def main() -> int:
                      for r in rows[HELD_OUT:])
     print("[3/4] the same student on the teacher's answers as text: --distill-mode sequence (answers reused)")
     if not finished(sequence):
-        done = subprocess.run([cli, "llm", "--train", "--model", student, "--teacher-model", teacher, "--data-path",
+        done = subprocess.run([cli, "llm", "--train", "--holdout-share", "0", "--model", student, "--teacher-model", teacher, "--data-path",
                                pairs, "--project-name", sequence, "--use-distillation", "--distill-mode", "sequence",
                                *BUDGET])
         if done.returncode != 0:

@@ -3,6 +3,7 @@
     aitraining llm --train --model M --data-path D --project-name P [--use-distillation --teacher-model T ...]
     aitraining llm --train --config run.yml --lr 1e-4      (flags override the file)
     aitraining prune --model T --num-layers 8 --output student/
+    aitraining eval --model M --teacher-model T --data-path heldout.jsonl [--baseline B]
 
 Bad input ends with one line on stderr and exit status 2, never a traceback.
 """
@@ -87,7 +88,49 @@ def build_parser() -> argparse.ArgumentParser:
     transplant.add_argument("--output", required=True, help="folder to write the model to")
     transplant.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     transplant.add_argument("--trust-remote-code", action="store_true", help="run model code from the repository")
+    ev = sub.add_parser(
+        "eval", help="judge a model against its teacher on held-out prompts (eval.json)",
+        description="KL(teacher || model) per token of the teacher's responses, top-1 agreement, perplexity, "
+                    "ROUGE-L of the model's greedy answers against the teacher's, parameters, size on disk and "
+                    "generation speed, for the model (and --baseline) and the teacher. The teacher writes the "
+                    "responses that rows lack (kept beside the output for the next model). Models with another "
+                    "tokenizer than the teacher's are judged on the text, per byte.")
+    ev.add_argument("--model", required=True, help="the model to judge (folder, .gguf or hub id)")
+    ev.add_argument("--teacher-model", required=True, help="the teacher (folder, .gguf or hub id)")
+    ev.add_argument("--data-path", required=True, help="held-out rows: prompts, with or without responses")
+    ev.add_argument("--baseline", help="another model judged beside it (e.g. one trained without distillation)")
+    ev.add_argument("--output", help="where eval.json goes (default: eval.json in --model's folder, else here)")
+    ev.add_argument("--max-rows", type=int, default=None, help="judge on at most N rows")
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="longest response the teacher writes")
+    ev.add_argument("--chat-template", default=None, help="as for `aitraining llm`")
+    ev.add_argument("--trust-remote-code", action="store_true", help="run model code from the repository")
     return parser
+
+
+def _eval(ns: argparse.Namespace) -> int:
+    from aitraining.compare import table
+    from aitraining.evaluate import run_eval
+    from aitraining.models import resolve_model_source
+
+    output = ns.output or os.path.join(ns.model if os.path.isdir(ns.model) else ".", "eval.json")
+    params = LLMTrainingParams(model=ns.model, teacher_model=ns.teacher_model, data_path=ns.data_path,
+                               use_distillation=True, teacher_source="live", mixed_precision="no", holdout_share=0.0,
+                               max_samples=ns.max_rows, distill_max_teacher_length=ns.max_new_tokens,
+                               chat_template=ns.chat_template, trust_remote_code=ns.trust_remote_code,
+                               project_name=os.path.dirname(os.path.abspath(output)))
+    resolve_model_source(ns.model, flag="--model")
+    resolve_model_source(ns.teacher_model, flag="--teacher-model")
+    if ns.baseline:
+        resolve_model_source(ns.baseline, flag="--baseline")
+    record = run_eval(params, output, baseline=ns.baseline)
+    if "kl_to_teacher" in next(iter(record["models"].values())):
+        print("\n".join(table(record, roles=list(record["models"]))))
+    else:
+        for role, row in record["models"].items():
+            print(f"{role}: KL per byte {row['kl_per_byte']:.4f}, ROUGE-L {row['rouge_l']:.3f}, "
+                  f"{row['parameters']:,} parameters, {row['tokens_per_s']:.1f} tokens/s")
+    print(f"wrote {output}")
+    return 0
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -137,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             project = run(params)
             print(f"done: {project}")
             return 0
+        if ns.command == "eval":
+            return _eval(ns)
         if ns.command == "prune":
             from aitraining.models import prune_to_folder
 

@@ -286,11 +286,31 @@ def _row_to_example(row: dict[str, Any], kind: str, params: LLMTrainingParams, w
     return Example(messages=[dict(m) for m in history], response=response)
 
 
+MIN_ROWS_TO_HOLD_OUT = 20
+
+
+def held_out_rows(n_rows: int, share: float, seed: int) -> list[int]:
+    """Which rows (sorted indices) are held out for evaluation when no validation split is given: round(share x
+    n), at least one, drawn with the run's seed; none below MIN_ROWS_TO_HOLD_OUT rows or with share 0."""
+    if share <= 0 or n_rows < MIN_ROWS_TO_HOLD_OUT:
+        return []
+    import random
+
+    n = min(max(1, round(share * n_rows)), n_rows - 1)
+    return sorted(random.Random(seed).sample(range(n_rows), n))
+
+
 def load_examples(params: LLMTrainingParams) -> tuple[list[Example], list[Example]]:
-    """Training and validation examples (validation empty without --valid-split)."""
+    """Training and validation examples: the validation split, or without one the rows `held_out_rows` picks
+    (before --max-samples caps the training rows)."""
     loaded = read_rows(params.data_path or "", params.train_split, required=True, train_split=params.train_split)
     assert loaded is not None
     rows, where = loaded
+    held = set() if params.valid_split else set(held_out_rows(len(rows), params.holdout_share, params.seed))
+    if held:  # every row is checked (its errors name its line), then split
+        every = rows_to_examples(rows, params, where)
+        train = [ex for i, ex in enumerate(every) if i not in held][: params.max_samples]
+        return train, [ex for i, ex in enumerate(every) if i in held]
     if params.max_samples is not None:
         rows = rows[: params.max_samples]
     train = rows_to_examples(rows, params, where)

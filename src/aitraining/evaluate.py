@@ -32,7 +32,8 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from aitraining.losses import CrossTargets, DenseTargets, Targets, bucket_log_probs, cross_bucket_log_probs, divergence
-from aitraining.objective import decoder, output_head, target_positions
+from aitraining.models import decoder, output_head
+from aitraining.objective import target_positions
 from aitraining.params import LLMTrainingParams
 
 
@@ -125,22 +126,40 @@ class TeacherReference:
         from aitraining import models
         from aitraining.data import load_examples, resolve_chat_template
         from aitraining.teacher import prepare_teacher
-        from aitraining.train import collate, student_items
+        from aitraining.train import student_items
 
-        params = params.model_copy(update={"teacher_source": "live", "mixed_precision": "no", "use_distillation": True})
-        self.tokenizer = models.load_tokenizer(params.model or "", trust_remote_code=params.trust_remote_code,
-                                               token=params.token)
+        params = params.model_copy(update={"teacher_source": "live", "mixed_precision": "no", "use_distillation": True,
+                                            "holdout_share": 0.0})
+        tokenizer = models.load_tokenizer(params.model or "", trust_remote_code=params.trust_remote_code,
+                                          token=params.token)
         examples, _ = load_examples(params)
         os.makedirs(work_dir, exist_ok=True)
-        teacher_items, source = prepare_teacher(params, examples, self.tokenizer, work_dir, torch.device("cpu"),
+        teacher_items, source = prepare_teacher(params, examples, tokenizer, work_dir, torch.device("cpu"),
                                                 show_progress=show_progress)
-        chat = resolve_chat_template(self.tokenizer, params.chat_template)
-        pairs = [(ex, it) for ex, it in zip(examples, student_items(examples, teacher_items, self.tokenizer, params, chat),
-                                             strict=True) if it is not None]
-        self.items = [it for _, it in pairs]
-        self.answers = [ex.response or "" for ex, _ in pairs]
+        chat = resolve_chat_template(tokenizer, params.chat_template)
+        items = student_items(examples, teacher_items, tokenizer, params, chat)
+        self._build([it for it in items if it is not None], source, tokenizer, batch_size=batch_size,
+                    show_progress=show_progress)
+        self.prompts = [prompt_text(ex) for ex, it in zip(examples, items, strict=True) if it is not None]
+
+    @classmethod
+    def from_items(cls, items: Sequence[Any], source: Any, tokenizer: Any, prompts: Sequence[str], *,
+                   batch_size: int = 8, show_progress: bool = False) -> TeacherReference:
+        """The reference on a run's own held-out items (train.Item: the student's prompt and the teacher's
+        response ids; `prompts`: their user text) and a live teacher source (teacher.LiveTeacher)."""
+        self = cls.__new__(cls)
+        self._build(list(items), source, tokenizer, batch_size=batch_size, show_progress=show_progress)
+        self.prompts = list(prompts)
+        return self
+
+    def _build(self, items: list[Any], source: Any, tokenizer: Any, *, batch_size: int, show_progress: bool) -> None:
+        from aitraining.train import collate
+
+        self.tokenizer = tokenizer
+        self.items = items
+        self.answers = [tokenizer.decode(it.input_ids[it.n_prompt :], skip_special_tokens=True) for it in items]
         self.max_new_tokens = max((len(it.input_ids) - it.n_prompt for it in self.items), default=1)
-        self.pad = pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad = pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.batches = []
         for s in tqdm(range(0, len(self.items), batch_size), desc="teacher: reference distribution", unit="batch",
                       disable=not show_progress):
@@ -264,3 +283,148 @@ class TextReference:
         return {"kl_per_byte": (nll - self.teacher_nll) / self.bytes, "nll_per_byte": nll / self.bytes,
                 "teacher_nll_per_byte": self.teacher_nll / self.bytes, "bytes": self.bytes,
                 "rouge_l": rouge_l(written, self.answers), "answers": written}
+
+
+def prompt_text(ex: Any) -> str:
+    """The user's text of an example (its last message), for tables and samples."""
+    return (ex.messages or [{"content": ex.text or ""}])[-1].get("content", "")
+
+
+# --------------------------------------------------------------------------------- smaller, faster: by how much
+
+
+def weights_on_disk(name: str) -> int | None:
+    """Bytes of a model's weight files (safetensors, bin, gguf) in its folder, or of its .gguf file; None for a
+    hub id that is not on this machine."""
+    if os.path.isfile(name):
+        return os.path.getsize(name)
+    if not os.path.isdir(name):
+        return None
+    return sum(os.path.getsize(os.path.join(name, f)) for f in os.listdir(name)
+               if f.endswith((".safetensors", ".bin", ".gguf", ".pt")) and os.path.isfile(os.path.join(name, f)))
+
+
+@torch.no_grad()
+def generation_speed(model: nn.Module, prompts: Sequence[list[int]], *, pad: int, new_tokens: int = 32) -> float:
+    """Greedy generation tokens per second, one prompt at a time (what a single user waits for), counted over
+    the tokens actually written (a stop token ends an answer early). The first prompt warms the model up and
+    is not counted."""
+    import time
+
+    from aitraining import models
+
+    was_training = model.training
+    model.eval()
+    written, seconds = 0, 0.0
+    for i, prompt in enumerate(prompts):
+        started = time.perf_counter()
+        out = models.generate_answers(model, [prompt], max_new_tokens=new_tokens, stop=set(), pad=pad)
+        if i or len(prompts) == 1:
+            seconds += time.perf_counter() - started
+            written += len(out[0])
+    if was_training:
+        model.train()
+    return written / max(seconds, 1e-9)
+
+
+def model_facts(name: str, model: nn.Module, prompts: Sequence[list[int]], *, pad: int) -> dict[str, Any]:
+    """Parameters, bytes on disk and generation speed of a model, as the comparison reports them."""
+    from aitraining import models
+
+    return {"parameters": models.count_parameters(models.causal_lm(model)), "disk_bytes": weights_on_disk(name),
+            "tokens_per_s": generation_speed(model, prompts, pad=pad)}
+
+
+# ---------------------------------------------------------------------------------------- judging model folders
+
+
+def judge_models(reference: TeacherReference, folders: dict[str, str], params: LLMTrainingParams, *,
+                 show_progress: bool = False) -> dict[str, Any]:
+    """Each model (role -> folder, .gguf or hub id; the role "teacher" loads in float32 as the teacher) against
+    the reference: its metrics, parameters, bytes on disk and generation speed, and its greedy answers."""
+    from aitraining import models
+
+    speed_prompts = [it.input_ids[: it.n_prompt] for it in reference.items][:4]
+    rows: dict[str, Any] = {}
+    for role, name in folders.items():
+        flag = "--teacher-model" if role == "teacher" else "--model"
+        model = models.load_causal_lm(name, dtype=torch.float32, trust_remote_code=params.trust_remote_code,
+                                      token=params.token, flag=flag)
+        got = reference.compare(model, show_progress=show_progress)
+        rows[role] = {"model": name, **{k: got[k] for k in ("kl_to_teacher", "top1_agreement", "ce", "perplexity",
+                                                           "rouge_l")},
+                      **model_facts(name, model, speed_prompts, pad=reference.pad), "answers": got["answers"]}
+        del model
+    return {"held_out_rows": len(reference.items),
+            "held_out_tokens": sum(len(it.input_ids) - it.n_prompt for it in reference.items),
+            "judge": "the float32 teacher's exact distribution: KL(teacher || model) at T = 1 per response token over "
+                     "the full vocabulary, top-1 agreement, perplexity of the responses; ROUGE-L of greedy answers "
+                     "against the teacher's responses; generation tokens/s one prompt at a time on this machine",
+            "models": rows, "prompts": reference.prompts, "references": reference.answers}
+
+
+def judge_on_text(teacher: str, rows: Sequence[tuple[str, str]], folders: dict[str, str], params: LLMTrainingParams
+                  ) -> dict[str, Any]:
+    """Models of any tokenizer against the teacher's answers as text (TextReference): KL and NLL per byte,
+    ROUGE-L, parameters, bytes on disk, generation speed."""
+    from aitraining import models
+
+    reference = TextReference(teacher, rows, params)
+    out: dict[str, Any] = {}
+    for role, name in folders.items():
+        flag = "--teacher-model" if role == "teacher" else "--model"
+        tokenizer = models.load_tokenizer(name, trust_remote_code=params.trust_remote_code, token=params.token, flag=flag)
+        model = models.load_causal_lm(name, dtype=torch.float32, trust_remote_code=params.trust_remote_code,
+                                      token=params.token, flag=flag)
+        got = reference.compare(model, tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        prompts = reference._prompt_ids(tokenizer, params.student_prompt_template)[:4]
+        out[role] = {"model": name, **{k: got[k] for k in ("kl_per_byte", "nll_per_byte", "rouge_l")},
+                     **model_facts(name, model, prompts, pad=pad), "answers": got["answers"]}
+        del model
+    return {"held_out_rows": len(rows), "held_out_bytes": reference.bytes,
+            "judge": "the teacher's answers as text: the model's negative log-likelihood per byte minus the teacher's "
+                     "(KL per byte; tokenizers differ), ROUGE-L of greedy answers; tokens/s one prompt at a time",
+            "models": out, "prompts": reference.prompts, "references": reference.answers}
+
+
+def run_eval(params: LLMTrainingParams, output: str, *, baseline: str | None = None, show_progress: bool = True
+             ) -> dict[str, Any]:
+    """`aitraining eval`: the model (and a baseline) against the teacher on the rows of --data-path (the teacher
+    writes the responses that rows lack, greedily, once: they are kept beside `output` for the next model);
+    writes `output` (JSON) and returns it."""
+    import json
+    import logging
+
+    from aitraining import models
+    from aitraining.align import match_tokenizers
+
+    log = logging.getLogger(__name__)
+    out_dir = os.path.dirname(os.path.abspath(output))
+    work = os.path.join(out_dir, "eval_teacher")
+    folders = {"model": params.model or "", **({"baseline": baseline} if baseline else {}),
+               "teacher": params.teacher_model or ""}
+    same = all(match_tokenizers(models.load_tokenizer(folders[r], trust_remote_code=params.trust_remote_code,
+                                                      token=params.token),
+                                models.load_tokenizer(folders["teacher"], trust_remote_code=params.trust_remote_code,
+                                                      token=params.token, flag="--teacher-model")).same
+               for r in folders if r != "teacher")
+    os.makedirs(work, exist_ok=True)
+    if same:
+        reference = TeacherReference(params.model_copy(update={"project_name": work}), work, show_progress=show_progress)
+        result = judge_models(reference, folders, params, show_progress=show_progress)
+    else:
+        log.info("the tokenizers differ: judged on the teacher's answers as text (per byte)")
+        as_teacher = params.model_copy(update={"model": params.teacher_model, "project_name": work})
+        reference = TeacherReference(as_teacher, work, show_progress=show_progress)
+        result = judge_on_text(folders["teacher"], list(zip(reference.prompts, reference.answers, strict=True)),
+                               folders, params)
+    from aitraining.compare import without_answers
+
+    record = {"data": params.data_path, **without_answers(result)}
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = output + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, output)
+    return record

@@ -123,7 +123,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+from aitraining.params import DIVERGENCE_KINDS
+
+DIVERGENCES: tuple[str, ...] = DIVERGENCE_KINDS  # one list, the documented --distill-loss choices
 
 # Kinds that mix the two distributions with weight beta; beta at 0 or 1 makes them degenerate
 # (identically 0 or plain KL) and log(beta) would be -inf.
@@ -770,9 +772,8 @@ class LinearHead:
 def auto_chunk_size(vocab: int, budget_bytes: int = 12 * 2**20) -> int:
     """Positions per chunk so that one chunk's float32 logits take about `budget_bytes` (64 to 1024 rows).
 
-    Measured (benchmarks/loss_memory.py, 2048 positions, H 576): 64 rows gave 0.10 of the naive peak at
-    0.94 of its time at V = 262,144, and 0.17 of the peak at 0.80 of the time at V = 49,152, while 256-1024
-    rows held 0.2-0.6 of the peak for no reliable gain in speed. So the chunk is sized by memory, not rows.
+    The chunk is sized by memory, not rows: small chunks keep a small fraction of the naive peak at about its
+    speed, and larger ones buy no reliable speed (benchmarks/loss_memory.py; figures in BENCHMARKS.md).
     """
     return max(64, min(1024, budget_bytes // (4 * max(vocab, 1))))
 

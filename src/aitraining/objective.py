@@ -7,39 +7,11 @@ chunk of trained positions at a time, never for the whole batch, and never for p
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
-from aitraining.losses import LinearHead, TeacherTargets, auto_chunk_size, chunked_token_loss_sums
-
-
-def causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers CausalLM inside a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def output_head(model: nn.Module) -> LinearHead | Callable[[Tensor], Tensor]:
-    """The output head as tensors: hidden (n, H) -> logits (n, V), with final-logit soft-capping where the
-    model has it (Gemma). Given as tensors, the loss takes its gradients chunk by chunk (losses.py)."""
-    lm = causal_lm(model)
-    head = lm.get_output_embeddings()
-    cap = getattr(lm.config, "final_logit_softcapping", None) or None
-    if isinstance(head, nn.Linear):
-        return LinearHead(head.weight, head.bias, cap)
-
-    # A wrapped head (e.g. LoRA on lm_head): a plain callable, for which the loss checkpoints chunks instead.
-    def wrapped(h: Tensor) -> Tensor:
-        z = head(h)
-        return z if not cap else torch.tanh(z / cap) * cap
-
-    return wrapped
-
-
-def decoder(model: nn.Module) -> nn.Module:
-    return causal_lm(model).get_decoder()
+from aitraining.losses import Targets, auto_chunk_size, chunked_token_loss_sums
+from aitraining.models import causal_lm, decoder, output_head
 
 
 def target_positions(attention_mask: Tensor, n_prompt: Tensor) -> Tensor:
@@ -78,7 +50,7 @@ class Objective(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor,
         n_prompt: Tensor,
-        teacher: TeacherTargets | None = None,
+        teacher: Targets | None = None,
         weight: float = 1.0,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Returns (loss_sum * weight, kd_sum, ce_sum, n_tokens) over the batch's trained positions."""

@@ -8,6 +8,7 @@ was used, because the CLI and the Python API share this one object.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import warnings
@@ -23,7 +24,13 @@ CHAT_TEMPLATES = ("auto", "tokenizer", "none", "chatml", "zephyr")
 # Keys of the parameter JSON that never reach disk (secrets) and those that only steer *this* invocation
 # (they do not make a run "different" when the project folder is reused).
 SECRET_FIELDS = frozenset({"token"})
-INVOCATION_FIELDS = frozenset({"resume_from_checkpoint", "overwrite", "token", "log"})
+INVOCATION_FIELDS = frozenset({"resume_from_checkpoint", "overwrite", "token", "log", "eval_steps", "eval_max_rows",
+                               "compare_baseline"})
+
+
+def digest(obj: Any, length: int = 24) -> str:
+    """A short stable fingerprint of a JSON-able object (run identities, cache keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:length]
 
 
 def flag(field: str) -> str:
@@ -51,11 +58,16 @@ class LLMTrainingParams(BaseModel):
     data_path: str | None = _f(None, "Data", "A .jsonl/.json/.csv/.parquet file, a folder of split files, or a datasets folder")
     train_split: str = _f("train", "Data", "Name of the training split (file stem inside a data folder)")
     valid_split: str | None = _f(None, "Data", "Name of the validation split, if any")
+    holdout_share: float = _f(
+        0.05, "Data",
+        "Without --valid-split: share of the rows held out (drawn with --seed) to evaluate on; 0 trains on every "
+        "row. Data of fewer than 20 rows is never split", ge=0.0, lt=1.0, allow_inf_nan=False,
+    )
     text_column: str = _f("text", "Data", "Column of plain text rows (distillation: the prompt)")
     prompt_text_column: str = _f("prompt", "Data", "Column of prompts in prompt/response rows")
     response_column: str = _f("response", "Data", "Column of responses in prompt/response rows")
-    max_samples: int | None = _f(None, "Data", "Use at most this many training rows")
-    block_size: int = _f(1024, "Data", "Maximum tokens of one student sequence (prompt + response)")
+    max_samples: int | None = _f(None, "Data", "Use at most this many training rows", ge=1)
+    block_size: int = _f(1024, "Data", "Maximum tokens of one student sequence (prompt + response)", ge=8)
     chat_template: str | None = _f(
         None,
         "Data",
@@ -68,56 +80,67 @@ class LLMTrainingParams(BaseModel):
     trainer: Literal["sft", "default", "distillation"] = _f(
         "sft", "Training", "sft (default is an alias); distillation = sft with --use-distillation"
     )
-    epochs: int = _f(1, "Training", "Number of passes over the training data")
-    batch_size: int = _f(2, "Training", "Rows per device per step")
-    lr: float = _f(3e-5, "Training", "Peak learning rate")
-    warmup_ratio: float = _f(0.1, "Training", "Share of steps used for linear warmup")
-    gradient_accumulation: int = _f(1, "Training", "Micro-batches per optimizer step")
+    epochs: int = _f(1, "Training", "Number of passes over the training data", ge=1)
+    batch_size: int = _f(2, "Training", "Rows per device per step", ge=1)
+    lr: float = _f(3e-5, "Training", "Peak learning rate", gt=0.0, allow_inf_nan=False)
+    warmup_ratio: float = _f(0.1, "Training", "Share of steps used for linear warmup", ge=0.0, le=1.0, allow_inf_nan=False)
+    gradient_accumulation: int = _f(1, "Training", "Micro-batches per optimizer step", ge=1)
     optimizer: Literal["adamw_torch", "adamw", "sgd"] = _f("adamw_torch", "Training", "Optimizer")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts"] = _f(
         "linear", "Training", "Learning-rate schedule (after warmup)"
     )
-    weight_decay: float = _f(0.0, "Training", "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "Training", "Gradient clipping norm (0 disables clipping)")
+    weight_decay: float = _f(0.0, "Training", "AdamW weight decay", ge=0.0, allow_inf_nan=False)
+    max_grad_norm: float = _f(1.0, "Training", "Gradient clipping norm (0 disables clipping)", ge=0.0, allow_inf_nan=False)
     seed: int = _f(42, "Training", "Random seed (data order, dropout, initialisation)")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _f(
         None, "Training", "Mixed precision: no, fp16, bf16 (default: bf16 where the GPU or CPU has it, else no)"
     )
     loss_chunk_size: int | None = _f(
-        None, "Training", "Positions per chunk of the loss over the vocabulary (default: about 12 MiB of float32 logits, 64-1024 rows)"
+        None, "Training", "Positions per chunk of the loss over the vocabulary (default: about 12 MiB of float32 logits, 64-1024 rows)", ge=1
     )
-    logging_steps: int = _f(10, "Training", "Log metrics every N optimizer steps")
-    save_total_limit: int = _f(1, "Training", "Keep at most N checkpoints in the project folder")
+    logging_steps: int = _f(10, "Training", "Log metrics every N optimizer steps", ge=1)
+    save_total_limit: int = _f(1, "Training", "Keep at most N checkpoints in the project folder", ge=1)
     resume_from_checkpoint: str | None = _f(
         None, "Training", "Resume from a checkpoint folder, or 'latest' for the newest one in the project"
+    )
+    eval_steps: int | None = _f(
+        None, "Training", "Also evaluate on the held-out rows every N optimizer steps (always: before training and "
+        "after each epoch)", ge=1,
+    )
+    eval_max_rows: int = _f(64, "Training", "Held-out rows evaluated during training (all of them after training)",
+                            ge=1)
+    compare_baseline: bool = _f(
+        False, "Training",
+        "With --use-distillation: also train the same student without distillation on the teacher's answers (same "
+        "data, budget and seed) and compare student, baseline and teacher on the held-out rows (comparison.json)",
     )
     log: Literal["none", "tensorboard", "wandb"] = _f("none", "Training", "Experiment tracker besides metrics.jsonl")
 
     # LoRA
     peft: bool = _f(False, "LoRA", "Train a LoRA adapter instead of all weights")
-    lora_r: int = _f(16, "LoRA", "LoRA rank")
-    lora_alpha: int = _f(32, "LoRA", "LoRA scaling alpha")
-    lora_dropout: float = _f(0.05, "LoRA", "LoRA dropout")
+    lora_r: int = _f(16, "LoRA", "LoRA rank", ge=1)
+    lora_alpha: int = _f(32, "LoRA", "LoRA scaling alpha", ge=1)
+    lora_dropout: float = _f(0.05, "LoRA", "LoRA dropout", ge=0.0, lt=1.0, allow_inf_nan=False)
     target_modules: str = _f("all-linear", "LoRA", "Modules to adapt: all-linear or a comma list (q_proj,v_proj)")
     merge_adapter: bool = _f(False, "LoRA", "Also save the adapter merged into the base model")
 
     # Distillation
     use_distillation: bool = _f(False, "Distillation", "Enable distillation from --teacher-model")
     teacher_model: str | None = _f(None, "Distillation", "Teacher: a local folder, a .gguf file or a hub id")
-    distill_temperature: float = _f(3.0, "Distillation", "Softmax temperature (2.0-4.0 recommended)")
-    distill_alpha: float = _f(0.7, "Distillation", "Weight of the distillation loss (1 - alpha on the label loss)")
-    distill_max_teacher_length: int = _f(512, "Distillation", "Max response tokens the teacher writes and scores")
+    distill_temperature: float = _f(3.0, "Distillation", "Softmax temperature (2.0-4.0 recommended)", gt=0.0, allow_inf_nan=False)
+    distill_alpha: float = _f(0.7, "Distillation", "Weight of the distillation loss (1 - alpha on the label loss)", ge=0.0, le=1.0, allow_inf_nan=False)
+    distill_max_teacher_length: int = _f(512, "Distillation", "Max response tokens the teacher writes and scores", ge=1)
     teacher_prompt_template: str | None = _f(None, "Distillation", "Template of teacher prompts; {input} = prompt")
     student_prompt_template: str = _f("{input}", "Distillation", "Template of student prompts; {input} = prompt")
     distill_loss: Literal[DIVERGENCE_KINDS] = _f(  # type: ignore[valid-type]
         "forward_kl", "Distillation", "Divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd"
     )
-    distill_beta: float = _f(0.5, "Distillation", "Mixing weight of jsd and skew losses (skew: 0.1 is typical)")
-    distill_top_k: int = _f(32, "Distillation", "Teacher's most likely tokens cached per position, with their log-probs")
+    distill_beta: float = _f(0.5, "Distillation", "Mixing weight of jsd and skew losses (skew: 0.1 is typical)", gt=0.0, lt=1.0, allow_inf_nan=False)
+    distill_top_k: int = _f(32, "Distillation", "Teacher's most likely tokens cached per position, with their log-probs", ge=1)
     distill_tail_samples: int = _f(
         112, "Distillation",
         "Teacher tokens sampled per position from the rest of its tempered distribution (0-255; 0: the rest is "
-        "one bucket)",
+        "one bucket)", ge=0, le=255
     )
     teacher_source: Literal["cache", "live"] = _f(
         "cache", "Distillation",
@@ -129,10 +152,10 @@ class LLMTrainingParams(BaseModel):
         "logits: learn the teacher's distribution at every answer token (across tokenizers too: on the tokens "
         "both vocabularies share); sequence: learn the teacher's answers as text only",
     )
-    teacher_batch_size: int = _f(8, "Distillation", "Prompts per teacher generation / scoring batch")
+    teacher_batch_size: int = _f(8, "Distillation", "Prompts per teacher generation / scoring batch", ge=1)
     teacher_do_sample: bool = _f(False, "Distillation", "Sample teacher responses instead of greedy decoding")
-    teacher_sampling_temperature: float = _f(0.7, "Distillation", "Sampling temperature of teacher responses")
-    teacher_top_p: float = _f(0.95, "Distillation", "Nucleus sampling of teacher responses")
+    teacher_sampling_temperature: float = _f(0.7, "Distillation", "Sampling temperature of teacher responses", gt=0.0, allow_inf_nan=False)
+    teacher_top_p: float = _f(0.95, "Distillation", "Nucleus sampling of teacher responses", gt=0.0, le=1.0, allow_inf_nan=False)
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -152,32 +175,6 @@ class LLMTrainingParams(BaseModel):
             raise UserError("--data-path is required: pass a .jsonl/.json/.csv/.parquet file or a data folder")
         if not self.project_name or not self.project_name.strip():
             raise UserError("--project-name must not be empty")
-        _in_range(self, "epochs", 1, None)
-        _in_range(self, "batch_size", 1, None)
-        _in_range(self, "gradient_accumulation", 1, None)
-        _in_range(self, "lr", 0.0, None, low_open=True)
-        _in_range(self, "warmup_ratio", 0.0, 1.0)
-        _in_range(self, "weight_decay", 0.0, None)
-        _in_range(self, "max_grad_norm", 0.0, None)
-        _in_range(self, "block_size", 8, None)
-        if self.loss_chunk_size is not None:
-            _in_range(self, "loss_chunk_size", 1, None)
-        _in_range(self, "logging_steps", 1, None)
-        _in_range(self, "save_total_limit", 1, None)
-        if self.max_samples is not None:
-            _in_range(self, "max_samples", 1, None)
-        _in_range(self, "lora_r", 1, None)
-        _in_range(self, "lora_alpha", 1, None)
-        _in_range(self, "lora_dropout", 0.0, 1.0, high_open=True)
-        _in_range(self, "distill_temperature", 0.0, None, low_open=True)
-        _in_range(self, "distill_alpha", 0.0, 1.0)
-        _in_range(self, "distill_max_teacher_length", 1, None)
-        _in_range(self, "distill_beta", 0.0, 1.0, low_open=True, high_open=True)
-        _in_range(self, "distill_top_k", 1, None)
-        _in_range(self, "distill_tail_samples", 0, 255)
-        _in_range(self, "teacher_batch_size", 1, None)
-        _in_range(self, "teacher_sampling_temperature", 0.0, None, low_open=True)
-        _in_range(self, "teacher_top_p", 0.0, 1.0, low_open=True)
         if self.chat_template is not None and self.chat_template not in CHAT_TEMPLATES:
             raise UserError(f"--chat-template must be one of {', '.join(CHAT_TEMPLATES)}, got {self.chat_template!r}")
         for name in ("student_prompt_template", "teacher_prompt_template"):
@@ -186,6 +183,12 @@ class LLMTrainingParams(BaseModel):
                 raise UserError(f"{flag(name)} must contain the placeholder {{input}}, got {value!r}")
         if self.use_distillation and not self.teacher_model:
             raise UserError("--teacher-model is required with --use-distillation: pass the teacher's folder, .gguf or hub id")
+        if self.compare_baseline and not self.use_distillation:
+            raise UserError("--compare-baseline compares a distilled student with one trained without distillation; "
+                            "add --use-distillation and --teacher-model")
+        if self.compare_baseline and self.distill_mode == "sequence":
+            raise UserError("--compare-baseline: with --distill-mode sequence the student learns the teacher's text only, "
+                            "which is what the baseline does; use --distill-mode logits")
         if not self.target_modules.strip():
             raise UserError("--target-modules must not be empty: use all-linear or a comma list such as q_proj,v_proj")
         if self.teacher_model and not self.use_distillation:
@@ -214,36 +217,35 @@ class LLMTrainingParams(BaseModel):
         return self.teacher_prompt_template if self.teacher_prompt_template is not None else "{input}"
 
 
-def _in_range(
-    p: LLMTrainingParams,
-    name: str,
-    low: float | None,
-    high: float | None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    value = getattr(p, name)
+_BOUND_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"})
+
+
+def _bounds_message(name: str, value: Any) -> str:
+    """'--x must be >= 1, got 0' / 'must be in (0, 1], got 1.5' from the field's pydantic bounds."""
+    low = high = None
+    low_open = high_open = False
+    for m in LLMTrainingParams.model_fields[name].metadata:
+        if getattr(m, "ge", None) is not None:
+            low = m.ge
+        elif getattr(m, "gt", None) is not None:
+            low, low_open = m.gt, True
+        elif getattr(m, "le", None) is not None:
+            high = m.le
+        elif getattr(m, "lt", None) is not None:
+            high, high_open = m.lt, True
     if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{flag(name)} must be a finite number, got {value}")
-    ok = True
-    if low is not None:
-        ok &= value > low if low_open else value >= low
-    if high is not None:
-        ok &= value < high if high_open else value <= high
-    if ok:
-        return
+        return f"{flag(name)} must be a finite number, got {value}"
     if high is None:
-        cond = f"> {low:g}" if low_open else f">= {low:g}"
-        raise UserError(f"{flag(name)} must be {cond}, got {value}")
-    lb, hb = ("(" if low_open else "["), (")" if high_open else "]")
-    raise UserError(f"{flag(name)} must be in {lb}{low:g}, {high:g}{hb}, got {value}")
+        return f"{flag(name)} must be {'>' if low_open else '>='} {low:g}, got {value}"
+    return f"{flag(name)} must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, got {value}"
 
 
 def _describe(e: ValidationError) -> str:
     err = e.errors()[0]
     loc = err.get("loc") or ()
     name = str(loc[0]) if loc else ""
+    if err.get("type") in _BOUND_ERRORS and name in LLMTrainingParams.model_fields:
+        return _bounds_message(name, err.get("input"))
     if err.get("type") == "extra_forbidden":
         return f"unknown parameter '{name}' ({flag(name)}): see `aitraining llm --help` for the valid ones"
     value = err.get("input")

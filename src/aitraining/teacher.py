@@ -40,9 +40,8 @@ from transformers import LogitsProcessor
 from aitraining.data import Example, encode, encode_response, render_prompt, resolve_chat_template
 from aitraining.errors import UserError
 from aitraining.losses import CrossTargets, DenseTargets, TeacherTargets, VocabularyMap, teacher_targets_from_logits
-from aitraining.models import generate_answers, stop_ids
-from aitraining.objective import decoder, output_head
-from aitraining.params import LLMTrainingParams
+from aitraining.models import decoder, generate_answers, output_head, stop_ids
+from aitraining.params import LLMTrainingParams, digest
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +49,6 @@ CACHE_FORMAT = 2
 OUTPUTS_FILE = "teacher_outputs.jsonl"
 CACHE_DIR = "teacher_cache"
 _GOLDEN = 0.6180339887498949
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:24]
 
 
 def model_identity(name: str) -> dict[str, Any]:
@@ -238,7 +233,7 @@ class Teacher:
             flag="--teacher-model",
         )
         self.tokenizer.padding_side = "left"
-        # Note (padded vocabularies): embedding matrices are often padded past the tokenizer (152064 rows for
+        # Note [Padded vocabularies]: embedding matrices are often padded past the tokenizer (152064 rows for
         # 151936 tokens). Padded ids are no tokens: the teacher's distribution is taken over the real
         # vocabulary only, so a top-k id always exists in the student too.
         self.vocab = len(self.tokenizer)
@@ -517,13 +512,13 @@ def prepare_teacher(
         "seed": params.seed if params.teacher_do_sample else None,
     }
     meta = cache_meta(params, device)
-    cache_folder = os.path.join(project_dir, CACHE_DIR, _hash(meta))
+    cache_folder = os.path.join(project_dir, CACHE_DIR, digest(meta))
     # Only the main process writes (and may cut a torn tail off) the cache; the others open it when it is done.
     cache = TargetCache(cache_folder, meta) if is_main and not live and path.needs_targets else None
     outputs_path = os.path.join(project_dir, OUTPUTS_FILE)
 
     prompt_ids = [teacher.prompt_ids(ex) for ex in examples]
-    gen_keys = [_hash({**gen_settings, "prompt": ids}) for ids in prompt_ids]
+    gen_keys = [digest({**gen_settings, "prompt": ids}) for ids in prompt_ids]
     if is_main:
         _cut_torn_line(outputs_path)
         outputs = _read_outputs(outputs_path)
@@ -611,4 +606,4 @@ def prepare_teacher(
 
 
 def _target_key(prompt_ids: list[int], response_ids: list[int]) -> str:
-    return _hash({"prompt": prompt_ids, "response": response_ids})
+    return digest({"prompt": prompt_ids, "response": response_ids})

@@ -1,24 +1,30 @@
-"""One training run, top to bottom: check inputs -> data -> teacher (once) -> student -> loop -> save.
+"""One training run, read top to bottom as its stages:
 
-`run(params)` is the one entry point; the CLI and `AutoTrainProject` both call it.
+    run(params)
+      prepare_data   the rows -> token sequences; with a teacher: its answers and targets, made once and cached
+      build_student  the student model (and its LoRA adapter)
+      fit            the training loop: steps, held-out evaluation, checkpoints, interruption
+      finish         the model, tokenizer, model card and run record in the project folder
+      compare        (--compare-baseline) the same student without distillation, and all three judged
 
-Note (one reduction): each micro-batch returns the *sum* of its per-token losses. Before an optimizer
-step, the trained tokens of every micro-batch of the accumulation window on every process are counted,
-and each sum is divided by that global count (times the number of processes, because data parallelism
-averages gradients). So 1 x 8, 4 x 2 and 2 processes x 4 all give the gradient of one big batch.
+`run(params)` is the one entry point; the CLI and `AutoTrainProject` both call it. The project folder's
+bookkeeping is in runfolder.py, every measurement in evaluate.py.
+
+Note [One reduction]: each micro-batch returns the *sum* of its per-token losses. Before an optimizer step,
+the trained tokens of every micro-batch of the accumulation window on every process are counted, and each sum
+is divided by that global count (times the number of processes, because data parallelism averages
+gradients). So 1 x 8, 4 x 2 and 2 processes x 4 all give the gradient of one big batch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,77 +34,12 @@ from aitraining import data as data_mod
 from aitraining import models
 from aitraining.errors import Interrupted, UserError
 from aitraining.losses import Targets
-from aitraining.objective import Objective, causal_lm
+from aitraining.models import causal_lm
+from aitraining.objective import Objective
 from aitraining.params import LLMTrainingParams
+from aitraining.runfolder import RunFolder
 
-log = logging.getLogger("aitraining")
-
-RUN_FILE = "run.json"
-PARAMS_FILE = "training_params.json"
-METRICS_FILE = "metrics.jsonl"
-STATE_FILE = "trainer_state.json"
-
-
-# ------------------------------------------------------------------------------------------ project folder
-
-
-def _identity_hash(params: LLMTrainingParams) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(params.run_identity(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def check_project_dir(params: LLMTrainingParams) -> str:
-    """The project folder to use; refuses (before anything is written) a folder holding a different run or
-    other files, unless --overwrite."""
-    path = os.path.abspath(params.project_name)
-    if os.path.isfile(path):
-        raise UserError(f"--project-name '{params.project_name}' is a file; pass a folder path")
-    if os.path.isdir(path) and os.listdir(path) and not params.overwrite:
-        run_path = os.path.join(path, RUN_FILE)
-        if not os.path.exists(run_path):
-            raise UserError(
-                f"--project-name '{params.project_name}' already exists and holds files of something else; "
-                "choose a new folder or pass --overwrite"
-            )
-        with open(run_path, encoding="utf-8") as f:
-            previous = json.load(f)
-        if previous.get("identity") != _identity_hash(params):
-            status = previous.get("status", "unfinished")
-            raise UserError(
-                f"--project-name '{params.project_name}' holds a different {status} run; choose a new folder, "
-                "or pass --overwrite to replace it"
-            )
-    return path
-
-
-def open_project_dir(path: str, params: LLMTrainingParams) -> None:
-    """Create the folder; checkpoints of another run (kept only with --overwrite) are removed so that they
-    can never be resumed into this one."""
-    run_path = os.path.join(path, RUN_FILE)
-    if os.path.exists(run_path):
-        with open(run_path, encoding="utf-8") as f:
-            previous = json.load(f)
-        if previous.get("identity") != _identity_hash(params):
-            for name in os.listdir(path):
-                if name.startswith("checkpoint-"):
-                    shutil.rmtree(os.path.join(path, name))
-    os.makedirs(path, exist_ok=True)
-    if not params.resume_from_checkpoint:
-        metrics = os.path.join(path, METRICS_FILE)
-        if os.path.exists(metrics):  # a fresh start: the earlier curve is kept beside, not appended to
-            os.replace(metrics, os.path.join(path, "metrics.previous.jsonl"))
-        if any(d.startswith("checkpoint-") for d in os.listdir(path)):
-            log.warning("%s holds checkpoints of an earlier start of this run; starting from scratch "
-                        "(--resume-from-checkpoint latest would continue it)", path)
-
-
-def _write_run_file(project: str, params: LLMTrainingParams, status: str, **extra: Any) -> None:
-    record = {"identity": _identity_hash(params), "status": status, **extra}
-    tmp = os.path.join(project, RUN_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, os.path.join(project, RUN_FILE))
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -177,7 +118,7 @@ def windows(micro: list[list[int]], accumulation: int) -> list[list[list[int]]]:
     return [micro[i : i + accumulation] for i in range(0, len(micro), accumulation)]
 
 
-# ------------------------------------------------------------------------------------------------- the run
+# ------------------------------------------------------------------------------------------ checks
 
 
 def _preflight(params: LLMTrainingParams) -> None:
@@ -201,24 +142,6 @@ def _preflight(params: LLMTrainingParams) -> None:
             raise UserError(f"--log {params.log} needs the '{module}' package: pip install {module}, or use --log none")
 
 
-def _checkpoint_time(folder: str) -> float:
-    """When a checkpoint was completed: its trainer_state.json is written last."""
-    state = os.path.join(folder, STATE_FILE)
-    return os.path.getmtime(state if os.path.exists(state) else folder)
-
-
-def _find_checkpoint(project: str, choice: str) -> str:
-    if choice != "latest":
-        return choice
-    found = sorted(
-        (d for d in os.listdir(project) if d.startswith("checkpoint-")),
-        key=lambda d: _checkpoint_time(os.path.join(project, d)),
-    )
-    if not found:
-        raise UserError(f"--resume-from-checkpoint latest: no checkpoint in '{project}'; start without it")
-    return os.path.join(project, found[-1])
-
-
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bfloat16 matmuls natively (AVX512-BF16 or AMX)."""
     try:
@@ -232,9 +155,8 @@ def cpu_has_bf16() -> bool:
 def resolve_mixed_precision(choice: str | None) -> str:
     """The precision a run uses: the user's choice, else bfloat16 where the hardware has it.
 
-    Measured on this project's CPU machine (benchmarks/utilization.py): bfloat16 autocast trained the
-    student 1.55x faster and ran the teacher 2.5x faster than float32, at the same held-out quality
-    (label loss 9.83 vs 9.80 nats). `--mixed-precision no` keeps float32 everywhere.
+    bfloat16 autocast is the faster choice on CPUs with native bfloat16 matmuls at the same held-out quality
+    (benchmarks/utilization.py; figures in BENCHMARKS.md). `--mixed-precision no` keeps float32 everywhere.
     """
     if choice is not None:
         return choice
@@ -248,9 +170,9 @@ def release_freed_memory_to_the_system(threshold: int = 1 << 16) -> bool:
 
     Note [Heap growth]: glibc raises its mmap threshold to the size of the largest block freed, up to 32 MiB, so
     after the first steps every activation, logits chunk and gradient buffer of a training step comes from the
-    heap; batches of varying shapes then leave holes that the heap never gives back. Measured on this project's
-    machine (22 steps of the 8-layer student): resident memory climbed from 1.5 to 3.4 GB this way; with a fixed
-    64 KiB threshold it stayed at 1.6 GB, at the same speed. Setting the threshold turns the adjustment off.
+    heap; batches of varying shapes then leave holes that the heap never gives back, and resident memory climbs
+    step after step (benchmarks/end_to_end.py measures the whole-run peak). Setting the threshold turns the
+    adjustment off.
     """
     import ctypes
     import ctypes.util
@@ -265,100 +187,136 @@ def release_freed_memory_to_the_system(threshold: int = 1 << 16) -> bool:
         return False
 
 
+# ------------------------------------------------------------------------------------------------- the run
+
+
 def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     """Run the whole job; returns the project folder."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     release_freed_memory_to_the_system()
-
     if params.mixed_precision is None:
         params = params.model_copy(update={"mixed_precision": resolve_mixed_precision(None)})
     _preflight(params)
     # Tied embeddings are saved once in checkpoints; accelerate reports that at every save. Expected, so quiet.
     logging.getLogger("accelerate.utils.other").addFilter(lambda r: "Removed shared tensor" not in r.getMessage())
     train_examples, valid_examples = data_mod.load_examples(params)
-    project = check_project_dir(params)
+    if params.compare_baseline and not valid_examples:
+        raise UserError(f"--compare-baseline needs held-out rows to judge on: the data has {len(train_examples)} rows "
+                        f"(fewer than {data_mod.MIN_ROWS_TO_HOLD_OUT} are never split, and --holdout-share "
+                        f"{params.holdout_share:g} holds none); pass --valid-split or more rows")
+    folder = RunFolder(params)
+    folder.check()
+    accelerator = _accelerator(params, folder.path)
+    folder.is_main = accelerator.is_main_process
+    show_progress = show_progress and accelerator.is_main_process
 
-    # accelerate keeps its state per process; a second run in the same process (the Python API, tests) may
-    # ask for another precision. The process group (PartialState) is kept.
+    from accelerate.utils import set_seed
+
+    set_seed(params.seed)
+    run_started = time.time()
+    try:
+        data = prepare_data(params, train_examples, valid_examples, folder, accelerator, show_progress=show_progress)
+        model = build_student(params, distilling=data.source is not None)
+        fitted = fit(model, data, params, folder, accelerator, show_progress=show_progress)
+        finish(fitted, data, params, folder, accelerator, run_started)
+        if params.compare_baseline:
+            from aitraining.compare import compare_with_baseline
+
+            compare_with_baseline(params, data, folder, accelerator, show_progress=show_progress)
+    finally:
+        folder.release()
+    return folder.path
+
+
+def _accelerator(params: LLMTrainingParams, project: str) -> Any:
+    """accelerate keeps its state per process; a second run in the same process (the Python API, tests) may
+    ask for another precision. The process group (PartialState) is kept."""
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()
-    accelerator = Accelerator(
+    return Accelerator(
         mixed_precision=params.mixed_precision or "no",
         cpu=not torch.cuda.is_available(),
         log_with=None if params.log == "none" else params.log,
         project_dir=project,
     )
-    is_main = accelerator.is_main_process
-    show_progress = show_progress and is_main
-    set_seed(params.seed)
+
+
+# ------------------------------------------------------------------------------------ stage 1: the data
+
+
+@dataclass
+class Prepared:
+    """What training needs from the data: the student's token sequences (training and held-out), the teacher
+    signal (None without distillation) and how it was made."""
+
+    tokenizer: Any
+    train_items: list[Item]
+    valid_items: list[Item]
+    source: Any = None
+    path: Any = None  # teacher.DistillPath
+    timings: dict[str, float] = field(default_factory=dict)
+    valid_examples: list[data_mod.Example] = field(default_factory=list)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+
+def prepare_data(
+    params: LLMTrainingParams, train_examples: list[data_mod.Example], valid_examples: list[data_mod.Example],
+    folder: RunFolder, accelerator: Any, *, show_progress: bool,
+) -> Prepared:
+    """The rows as the student's token sequences; with distillation the teacher answers missing responses and
+    its targets are cached, once (teacher.prepare_teacher)."""
     tokenizer = models.load_tokenizer(params.model or "", trust_remote_code=params.trust_remote_code, token=params.token)
     chat_template = data_mod.resolve_chat_template(tokenizer, params.chat_template)
-
-    def start_project() -> None:
-        if is_main:
-            open_project_dir(project, params)
-            params.save_json(os.path.join(project, PARAMS_FILE))
-            _write_run_file(project, params, "running")
-        accelerator.wait_for_everyone()
-        _setup_file_log(project, is_main)
-        log.info("project folder: %s", project)
-
-    # Data -> token sequences (the teacher writes missing responses and is cached here, once).
-    source = None
-    timings: dict[str, float] = {}
-    run_started = time.time()
-    path = None
+    out = Prepared(tokenizer, [], [])
     if params.use_distillation:
         from aitraining.teacher import choose_path, prepare_teacher
 
-        teacher_tokenizer = models.load_tokenizer(
-            params.teacher_model or "", trust_remote_code=params.trust_remote_code, token=params.token,
-            flag="--teacher-model",
-        )
-        path = choose_path(params, tokenizer, teacher_tokenizer)
+        teacher_tokenizer = models.load_tokenizer(params.teacher_model or "", trust_remote_code=params.trust_remote_code,
+                                                  token=params.token, flag="--teacher-model")
+        out.path = path = choose_path(params, tokenizer, teacher_tokenizer)
+        if params.compare_baseline and path.mode != "same-vocabulary":
+            raise UserError(f"--compare-baseline judges students token by token against the teacher, which needs the "
+                            f"teacher's vocabulary; this run takes the {path.mode} path (use `aitraining eval`, which "
+                            "compares any tokenizers on text, on each model folder)")
         aligner = None
         if not path.same_tokenizer:
             from aitraining.align import ResponseAligner
 
             aligner = ResponseAligner(tokenizer, teacher_tokenizer, text_only=not path.needs_targets)
-        start_project()
+        _open_folder(folder, accelerator, train_examples, valid_examples)
         log.info("distillation: %s", path.describe())
         all_examples = train_examples + valid_examples
-        teacher_started = time.time()
-        teacher_items, source = prepare_teacher(
-            params,
-            all_examples,
-            tokenizer,
-            project,
-            accelerator.device,
-            is_main=is_main,
-            wait=accelerator.wait_for_everyone,
-            show_progress=show_progress,
-            teacher_tokenizer=teacher_tokenizer,
-            path=path,
-            vocab=aligner.vocab if aligner is not None and path.needs_targets else None,
+        started = time.time()
+        teacher_items, out.source = prepare_teacher(
+            params, all_examples, tokenizer, folder.path, accelerator.device, is_main=accelerator.is_main_process,
+            wait=accelerator.wait_for_everyone, show_progress=show_progress, teacher_tokenizer=teacher_tokenizer,
+            path=path, vocab=aligner.vocab if aligner is not None and path.needs_targets else None,
         )
-        timings["teacher_s"] = round(time.time() - teacher_started, 2)
+        out.timings["teacher_s"] = round(time.time() - started, 2)
         items = student_items(all_examples, teacher_items, tokenizer, params, chat_template, aligner)
         if path.mode == "cross-vocabulary":
             rows = [r for it in items if it is not None and it.teacher_rows for r in it.teacher_rows]
             share = sum(r >= 0 for r in rows) / max(len(rows), 1)
-            timings["aligned_token_share"] = round(share, 4)
+            out.timings["aligned_token_share"] = round(share, 4)
             log.info("across vocabularies: %.1f%% of the student's answer tokens have a teacher position predicting the "
                      "same text (%d shared tokens); the rest learn from the labels only", 100 * share,
                      int((aligner.vocab.to_student >= 0).sum()))
-        train_items = [it for it in items[: len(train_examples)] if it is not None]
-        valid_items = [it for it in items[len(train_examples) :] if it is not None]
+        out.train_items = [it for it in items[: len(train_examples)] if it is not None]
+        kept = [(ex, it) for ex, it in zip(valid_examples, items[len(train_examples) :], strict=True) if it is not None]
+        out.valid_examples = [ex for ex, _ in kept]
+        out.valid_items = [it for _, it in kept]
     else:
         seqs, _ = data_mod.tokenize_for_sft(train_examples, tokenizer, params, chat_template)
-        train_items = [Item(s.input_ids, s.n_prompt) for s in seqs]
+        out.train_items = [Item(s.input_ids, s.n_prompt) for s in seqs]
         vseqs, _ = data_mod.tokenize_for_sft(valid_examples, tokenizer, params, chat_template)
-        valid_items = [Item(s.input_ids, s.n_prompt) for s in vseqs]
-    dropped = len(train_examples) - len(train_items)
-    if not train_items:
+        out.valid_items = [Item(s.input_ids, s.n_prompt) for s in vseqs]
+        out.valid_examples = [valid_examples[s.example_index] for s in vseqs]
+    dropped = len(train_examples) - len(out.train_items)
+    if not out.train_items:
         raise UserError(
             f"--data-path: none of the {len(train_examples)} training rows fits --block-size {params.block_size} "
             "with at least one response token; raise --block-size or shorten the prompts"
@@ -367,27 +325,58 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
         log.warning("%d of %d training rows dropped: the prompt leaves no room in --block-size %d",
                     dropped, len(train_examples), params.block_size)
     if not params.use_distillation:
-        start_project()
+        _open_folder(folder, accelerator, train_examples, valid_examples)
+    return out
 
-    # The student.
-    model = models.load_causal_lm(
-        params.model or "", dtype=torch.float32, trust_remote_code=params.trust_remote_code, token=params.token
-    )
-    if params.use_distillation:
+
+def _open_folder(folder: RunFolder, accelerator: Any, train: list[Any], valid: list[Any]) -> None:
+    folder.open()
+    accelerator.wait_for_everyone()
+    log.info("project folder: %s", folder.path)
+    params = folder.params
+    if valid and not params.valid_split:
+        log.info("held out for evaluation: %d of %d rows (%g%%, drawn with --seed %d); --valid-split names your "
+                 "own, --holdout-share 0 trains on every row", len(valid), len(train) + len(valid),
+                 100 * params.holdout_share, params.seed)
+    elif not valid and not params.valid_split and params.holdout_share > 0:
+        log.info("nothing held out for evaluation: %d rows (fewer than %d); pass --valid-split to evaluate",
+                 len(train), data_mod.MIN_ROWS_TO_HOLD_OUT)
+
+
+# -------------------------------------------------------------------------------- stage 2: the student
+
+
+def build_student(params: LLMTrainingParams, *, distilling: bool) -> Any:
+    model = models.load_causal_lm(params.model or "", dtype=torch.float32, trust_remote_code=params.trust_remote_code,
+                                  token=params.token)
+    if distilling:
         _advise(params, model)
     if params.peft:
-        model = models.apply_lora(
-            model, r=params.lora_r, alpha=params.lora_alpha, dropout=params.lora_dropout,
-            target_modules=params.target_modules,
-        )
-    objective = Objective(
-        model,
-        temperature=params.distill_temperature,
-        alpha=params.distill_alpha if source is not None else 0.0,
-        kind=params.distill_loss,
-        beta=params.distill_beta,
-        chunk_size=params.loss_chunk_size,
-    )
+        model = models.apply_lora(model, r=params.lora_r, alpha=params.lora_alpha, dropout=params.lora_dropout,
+                                  target_modules=params.target_modules)
+    return model
+
+
+# ------------------------------------------------------------------------------------ stage 3: training
+
+
+@dataclass
+class Fitted:
+    model: Any
+    last: dict[str, Any]
+    train_s: float
+
+
+def fit(model: Any, data: Prepared, params: LLMTrainingParams, folder: RunFolder, accelerator: Any, *,
+        show_progress: bool) -> Fitted:
+    """The training loop: optimizer steps over seeded epochs (Note [One reduction]), metrics every
+    --logging-steps, held-out evaluation every --eval-steps and at each epoch's end, a checkpoint per epoch;
+    Ctrl-C saves a checkpoint to resume from; a loss that is not finite stops the run before it reaches the
+    weights."""
+    source, train_items = data.source, data.train_items
+    objective = Objective(model, temperature=params.distill_temperature,
+                          alpha=params.distill_alpha if source is not None else 0.0, kind=params.distill_loss,
+                          beta=params.distill_beta, chunk_size=params.loss_chunk_size)
     optimizer = _optimizer(objective, params)
     world, rank = accelerator.num_processes, accelerator.process_index
     micro_per_epoch = len(epoch_micro_batches(len(train_items), params, 0, rank, world))
@@ -395,40 +384,32 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     total_steps = steps_per_epoch * params.epochs
     from transformers import get_scheduler
 
-    scheduler = get_scheduler(
-        params.scheduler,
-        optimizer,
-        num_warmup_steps=math.ceil(params.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
+    scheduler = get_scheduler(params.scheduler, optimizer, num_warmup_steps=math.ceil(params.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
     # The scheduler stays unprepared: accelerate would step it once per process.
     objective, optimizer = accelerator.prepare(objective, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
     global_step = 0
     if params.resume_from_checkpoint:
-        ckpt = _find_checkpoint(project, params.resume_from_checkpoint)
+        ckpt = folder.find_checkpoint(params.resume_from_checkpoint)
         accelerator.load_state(ckpt)
-        with open(os.path.join(ckpt, STATE_FILE), encoding="utf-8") as f:
-            global_step = json.load(f)["global_step"]
+        global_step = folder.checkpoint_step(ckpt)
         log.info("resumed from %s at step %d", ckpt, global_step)
     if params.log != "none":
-        accelerator.init_trackers(os.path.basename(project), config=params.public_dict())
+        accelerator.init_trackers(os.path.basename(folder.path), config=params.public_dict())
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    metrics_path = os.path.join(project, METRICS_FILE)
+    student = accelerator.unwrap_model(objective).model
+    evaluation = _Evaluation(data, params, folder, accelerator)
     bar = tqdm(total=total_steps, initial=global_step, desc="training", unit="step", disable=not show_progress)
-    n_params = models.count_parameters(causal_lm(model))
-    log.info("student: %s (%s parameters), %d training rows, %d steps", params.model, f"{n_params:,}",
-             len(train_items), total_steps)
+    log.info("student: %s (%s parameters), %d training rows, %d steps", params.model,
+             f"{models.count_parameters(causal_lm(model)):,}", len(train_items), total_steps)
     started = time.time()
     tokens_seen = 0
     window_stats = _Stats()
     last: dict[str, Any] = {}
-    if valid_items and global_step == 0:
-        # The "before" of every before/after comparison: the untrained student on the validation rows.
-        ev = _evaluate(accelerator.unwrap_model(objective).model, valid_items, source, params, pad_id)
-        _log_metrics(metrics_path, {"step": 0, "epoch": 0, **{f"eval_{k}": v for k, v in ev.items()}}, accelerator, is_main)
+    if global_step == 0:
+        evaluation(student, step=0, epoch=0)  # the "before" of every before/after comparison
     try:
         for epoch in range(global_step // steps_per_epoch, params.epochs):
             objective.train()
@@ -445,17 +426,21 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
                     if not mb:  # this rank ran out of rows: still join the collective backward, with weight 0
                         mb, weight = [0], 0.0
                     rows = [train_items[i] for i in mb]
-                    tensors = {k: v.to(accelerator.device) for k, v in collate(rows, pad_id).items()}
+                    tensors = {k: v.to(accelerator.device) for k, v in collate(rows, data.pad_id).items()}
                     sync = m_index == len(window) - 1
                     ctx = contextlib.nullcontext() if sync else accelerator.no_sync(objective)
                     with ctx, accelerator.autocast():
-                        loss_sum, kd_sum, ce_sum, n_tok = objective(
-                            **tensors, teacher=batch_targets(rows, source), weight=weight
-                        )
+                        loss_sum, kd_sum, ce_sum, n_tok = objective(**tensors, teacher=batch_targets(rows, source),
+                                                                    weight=weight)
+                        if not torch.isfinite(loss_sum.detach()).item():
+                            raise UserError(_diverged(global_step + 1, loss_sum.item(), folder))
                         accelerator.backward(loss_sum * world / max(global_count, 1.0))
                     window_stats.add(loss_sum.item(), kd_sum.item() * weight, ce_sum.item() * weight, n_tok.item() * weight)
                     tokens_seen += int(tensors["attention_mask"].sum().item() * weight)
-                grad_norm = accelerator.clip_grad_norm_(objective.parameters(), params.max_grad_norm) if params.max_grad_norm > 0 else None
+                grad_norm = (accelerator.clip_grad_norm_(objective.parameters(), params.max_grad_norm)
+                             if params.max_grad_norm > 0 else None)
+                if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                    raise UserError(_diverged(global_step + 1, float(grad_norm), folder, what="gradient norm"))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -473,17 +458,20 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
                     }
                     window_stats = _Stats()
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
-                    _log_metrics(metrics_path, last, accelerator, is_main)
-            if valid_items:
-                ev = _evaluate(accelerator.unwrap_model(objective).model, valid_items, source, params, pad_id)
-                last.update({f"eval_{k}": v for k, v in ev.items()})
-                _log_metrics(metrics_path, {"step": global_step, "epoch": epoch + 1, **{f"eval_{k}": v for k, v in ev.items()}},
-                             accelerator, is_main)
-            _save_checkpoint(accelerator, project, params, global_step, epoch + 1)
+                    folder.log_metrics(last, accelerator)
+                if params.eval_steps and global_step % params.eval_steps == 0 and global_step % steps_per_epoch:
+                    evaluation(student, step=global_step, epoch=round(global_step / steps_per_epoch, 4))
+                    objective.train()
+            ev = evaluation(student, step=global_step, epoch=epoch + 1)
+            last.update({f"eval_{k}": v for k, v in ev.items()})
+            folder.save_checkpoint(accelerator, global_step, epoch + 1)
+    except UserError:
+        bar.close()  # the one-line message starts on a line of its own
+        raise
     except KeyboardInterrupt:
         bar.close()
         optimizer.zero_grad(set_to_none=True)
-        _save_checkpoint(accelerator, project, params, global_step, None)
+        folder.save_checkpoint(accelerator, global_step, None)
         raise Interrupted(
             f"interrupted at step {global_step}; a checkpoint was saved: rerun the same command with "
             "--resume-from-checkpoint latest to continue"
@@ -491,25 +479,67 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     bar.close()
     if params.log != "none":
         accelerator.end_training()
+    return Fitted(student, last, round(time.time() - started, 2))
 
+
+def _diverged(step: int, value: float, folder: RunFolder, what: str = "loss") -> str:
+    kept = folder.checkpoints()
+    where = f"the last good checkpoint is {folder.file(kept[-1])}" if kept else "no checkpoint was written yet"
+    return (f"the {what} became {value} at step {step}; the step was not applied and {where}; lower --lr, use "
+            "--mixed-precision no, or check the data and teacher for broken rows")
+
+
+class _Evaluation:
+    """Held-out metrics during training (evaluate.response_metrics) on at most --eval-max-rows held-out rows,
+    written to metrics.jsonl (and the tracker) as eval_*."""
+
+    def __init__(self, data: Prepared, params: LLMTrainingParams, folder: RunFolder, accelerator: Any) -> None:
+        self.items = data.valid_items[: params.eval_max_rows]
+        self.data, self.params, self.folder, self.accelerator = data, params, folder, accelerator
+
+    def __call__(self, model: Any, *, step: int, epoch: float) -> dict[str, Any]:
+        if not self.items:
+            return {}
+        from aitraining.evaluate import response_metrics
+
+        def batches() -> Iterator[tuple[dict[str, torch.Tensor], Targets | None]]:
+            for s in range(0, len(self.items), self.params.batch_size):
+                rows = self.items[s : s + self.params.batch_size]
+                yield collate(rows, self.data.pad_id), batch_targets(rows, self.data.source)
+
+        ev = response_metrics(model, batches(), chunk_size=self.params.loss_chunk_size or 512)
+        self.folder.log_metrics({"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in ev.items()}}, self.accelerator)
+        return ev
+
+
+# ------------------------------------------------------------------------------------ stage 4: finishing
+
+
+def finish(fitted: Fitted, data: Prepared, params: LLMTrainingParams, folder: RunFolder, accelerator: Any,
+           run_started: float, *, summary: str | None = None) -> None:
+    """The trained student, tokenizer, training curves (PNG) and model card in the project folder; run.json says
+    it finished."""
     accelerator.wait_for_everyone()
-    if is_main:
-        final = dict(last)
-        if params.use_distillation:
-            cache = getattr(source, "cache", None)
-            if cache is not None:
-                final["teacher_cache_tokens"] = cache.n_tokens
-                final["teacher_cache_bytes_per_token"] = cache.bytes_per_token
-        final["train_s"] = round(time.time() - started, 2)
-        final.update(timings)
+    if accelerator.is_main_process:
+        final = dict(fitted.last)
+        cache = getattr(data.source, "cache", None)
+        if cache is not None:
+            final["teacher_cache_tokens"] = cache.n_tokens
+            final["teacher_cache_bytes_per_token"] = cache.bytes_per_token
+        final["train_s"] = fitted.train_s
+        final.update(data.timings)
         final["total_s"] = round(time.time() - run_started, 2)
-        described = path.describe() if path is not None else None
-        _save_final(accelerator.unwrap_model(objective).model, tokenizer, project, params, final,
-                    n_train=len(train_items), n_valid=len(valid_items), distill_path=described)
-        _write_run_file(project, params, "finished", final_metrics=final,
-                        **({"distill_path": described} if described else {}))
+        described = data.path.describe() if data.path is not None else None
+        folder.save_model(fitted.model, data.tokenizer)
+        from aitraining import plots
+        from aitraining.card import write_model_card
+
+        curves = plots.training_curves(folder.file("training_curves.png"), {folder.name: folder.metrics()})
+        write_model_card(folder.path, params, final, folder.metrics(), n_train=len(data.train_items),
+                         n_valid=len(data.valid_items), distill_path=described, summary=summary,
+                         pictures=[os.path.basename(p) for p in curves])
+        folder.write_run_file("finished", final_metrics=final, **({"distill_path": described} if described else {}))
     accelerator.wait_for_everyone()
-    return project
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -530,14 +560,6 @@ class _Stats:
         loss, kd, ce, n = t.tolist()
         n = max(n, 1.0)
         return {"loss": round(loss / n, 6), "kd": round(kd / n, 6), "ce": round(ce / n, 6), "tokens": int(n)}
-
-
-def _log_metrics(path: str, record: dict[str, Any], accelerator: Any, is_main: bool) -> None:
-    if is_main:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-    if accelerator.trackers:
-        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
 
 def _optimizer(objective: torch.nn.Module, params: LLMTrainingParams) -> torch.optim.Optimizer:
@@ -582,63 +604,3 @@ def _advise(params: LLMTrainingParams, student: Any) -> None:
         log.warning("--distill-alpha 0: only the label loss is used, the teacher's distribution is ignored")
     if params.distill_alpha == 1.0:
         log.warning("--distill-alpha 1: only the distillation loss is used, the labels are ignored")
-
-
-def _evaluate(model: Any, items: list[Item], source: Any, params: LLMTrainingParams, pad_id: int) -> dict[str, Any]:
-    from aitraining.evaluate import response_metrics
-
-    def batches() -> Iterator[tuple[dict[str, torch.Tensor], Targets | None]]:
-        for s in range(0, len(items), params.batch_size):
-            rows = items[s : s + params.batch_size]
-            yield collate(rows, pad_id), batch_targets(rows, source)
-
-    return response_metrics(model, batches(), chunk_size=params.loss_chunk_size or 512)
-
-
-def _save_checkpoint(accelerator: Any, project: str, params: LLMTrainingParams, step: int, epoch: int | None) -> None:
-    path = os.path.join(project, f"checkpoint-{step}")
-    accelerator.save_state(path, safe_serialization=True)
-    if accelerator.is_main_process:
-        with open(os.path.join(path, STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump({"global_step": step, "epoch": epoch, "identity": _identity_hash(params)}, f, indent=2)
-        # Newest first by time, not by step: a restarted run's step 50 is newer than an old run's step 120.
-        found = sorted(
-            (d for d in os.listdir(project) if d.startswith("checkpoint-") and d != os.path.basename(path)),
-            key=lambda d: _checkpoint_time(os.path.join(project, d)),
-            reverse=True,
-        )
-        for old in found[max(params.save_total_limit - 1, 0) :]:
-            shutil.rmtree(os.path.join(project, old), ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _save_final(
-    model: Any, tokenizer: Any, project: str, params: LLMTrainingParams, final: dict[str, Any], *, n_train: int, n_valid: int,
-    distill_path: str | None = None,
-) -> None:
-    from aitraining.card import write_model_card
-
-    if params.peft:
-        if params.merge_adapter:
-            model.save_pretrained(os.path.join(project, "adapter"), safe_serialization=True)
-            merged = model.merge_and_unload()
-            merged.save_pretrained(project, safe_serialization=True)
-        else:
-            model.save_pretrained(project, safe_serialization=True)
-    else:
-        model.save_pretrained(project, safe_serialization=True)
-    tokenizer.save_pretrained(project)
-    write_model_card(project, params, final, n_train=n_train, n_valid=n_valid, distill_path=distill_path)
-
-
-def _setup_file_log(project: str, is_main: bool) -> None:
-    if not is_main:
-        return
-    handler = logging.FileHandler(os.path.join(project, "train.log"), encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    for h in list(log.handlers):
-        if isinstance(h, logging.FileHandler):
-            log.removeHandler(h)
-            h.close()
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)

@@ -288,17 +288,58 @@ def test_a_restart_without_resume_never_loses_its_new_checkpoint(tiny_student, p
     assert (project / "checkpoint-5").is_dir()
     monkeypatch.setattr(train_mod._Stats, "add", real_add)
     calls["n"] = 0
-    real_save = train_mod._save_checkpoint
+    from aitraining.runfolder import RunFolder
+
+    real_save = RunFolder.save_checkpoint
     kept_after_each_save = []
 
-    def save_and_look(accelerator, project_, params, step, epoch):
-        real_save(accelerator, project_, params, step, epoch)
+    def save_and_look(self, accelerator, step, epoch):
+        real_save(self, accelerator, step, epoch)
         kept_after_each_save.append(sorted(p.name for p in project.glob("checkpoint-*")))
 
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_and_look)
+    monkeypatch.setattr(RunFolder, "save_checkpoint", save_and_look)
     assert cli(*common(tiny_student, pairs_file, project, *base)) == 0  # the same command, from scratch
     # The stale step-5 checkpoint goes, never the one just written.
     assert kept_after_each_save == [["checkpoint-4"], ["checkpoint-8"]]
     assert (project / "metrics.previous.jsonl").exists()
     steps = [json.loads(x)["step"] for x in (project / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert steps == sorted(steps)  # one run's curve, not two interleaved
+
+
+def test_two_runs_started_on_one_folder_at_once_the_second_is_refused(tiny_student, pairs_file, tmp_path):
+    """Two real processes, the same command and folder, started together: one trains, the other stops with one
+    line before writing anything; the folder holds one complete run."""
+    project = tmp_path / "shared-folder"
+    argv = [str(Path(sys.executable).parent / "aitraining"), "llm", "--train",
+            *common(tiny_student, pairs_file, project, "--epochs", "40", "--batch-size", "2", "--lr", "1e-4")]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    done = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in done)
+    assert codes == [0, 2], done
+    refused = next(err for rc, err in done if rc == 2)
+    errors = [line for line in refused.splitlines() if line.startswith("aitraining: error:")]
+    assert len(errors) == 1 and "is in use by a run that is still going (pid " in errors[0]
+    assert "Traceback" not in refused
+    assert json.loads((project / "run.json").read_text())["status"] == "finished"
+    steps = [json.loads(x)["step"] for x in (project / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # one run's curve, nothing interleaved
+
+
+def test_a_folder_locked_by_a_running_process_is_refused_and_free_once_it_ends(tiny_student, pairs_file, tmp_path,
+                                                                                capsys):
+    project = tmp_path / "locked"
+    project.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"f = open({str(project / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write(f'pid {{os.getpid()}}');"
+        " f.flush(); print('held', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli(*common(tiny_student, pairs_file, project, "--epochs", "1")) == 2
+        assert f"is in use by a run that is still going (pid {holder.pid})" in capsys.readouterr().err
+        assert sorted(p.name for p in project.iterdir()) == [".lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli(*common(tiny_student, pairs_file, project, "--epochs", "1")) == 0  # the kernel dropped the lock

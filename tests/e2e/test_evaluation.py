@@ -1,0 +1,204 @@
+"""What a user sees of a run's quality: rows held out by default, evaluation during training (metrics.jsonl and
+TensorBoard), the `aitraining eval` command, and `--compare-baseline` (the same student without distillation,
+judged beside the distilled one and the teacher, with pictures and samples)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from helpers import PAIRS, assert_same_weights, other_tokenizer_student, write_jsonl
+
+from aitraining.cli import main
+
+pytestmark = pytest.mark.e2e
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def rows(n: int) -> list[dict[str, str]]:
+    """n distinct prompts (the 8 test pairs' prompts, numbered), no responses: the teacher writes them."""
+    return [{"text": f"{PAIRS[i % len(PAIRS)][0]} ({i})"} for i in range(n)]
+
+
+def distill(student: str, teacher: str, data: str, project: Path, *extra: str) -> int:
+    return main(["llm", "--train", "--model", student, "--teacher-model", teacher, "--data-path", data,
+                 "--project-name", str(project), "--use-distillation", "--distill-max-teacher-length", "8",
+                 "--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--seed", "3", "--mixed-precision", "no",
+                 "--logging-steps", "1", *extra])
+
+
+def metrics(project: Path) -> list[dict]:
+    return [json.loads(x) for x in (project / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rows_are_held_out_by_default_and_evaluated_every_n_steps(tiny_student, tiny_teacher, tmp_path, caplog):
+    data = write_jsonl(tmp_path / "d.jsonl", rows(40))
+    project = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="aitraining"):
+        assert distill(tiny_student, tiny_teacher, data, project, "--eval-steps", "3", "--eval-max-rows", "1") == 0
+    assert "held out for evaluation: 2 of 40 rows (5%, drawn with --seed 3)" in caplog.text
+    run = json.loads((project / "run.json").read_text())
+    assert run["final_metrics"]["step"] == 10  # 38 training rows, batch 4
+    evals = [m for m in metrics(project) if "eval_kl_to_teacher" in m]
+    assert [m["step"] for m in evals] == [0, 3, 6, 9, 10]  # before, every 3 steps, after the epoch
+    assert all(m["eval_n_tokens"] <= 8 for m in evals)  # one row of at most 8 answer tokens (--eval-max-rows 1)
+    assert evals[-1]["eval_kl_to_teacher"] < evals[0]["eval_kl_to_teacher"]
+    card = (project / "README.md").read_text()
+    assert "held out for evaluation: 2 rows" in card and "before training (step 0)" in card
+    assert "![training curves](training_curves.png)" in card
+    assert (project / "training_curves.png").read_bytes().startswith(PNG)
+
+    # --holdout-share 0 trains on every row; the same seed holds out the same rows.
+    whole = tmp_path / "whole"
+    assert distill(tiny_student, tiny_teacher, data, whole, "--holdout-share", "0") == 0
+    assert json.loads((whole / "run.json").read_text())["final_metrics"]["step"] == 10  # 40 rows, batch 4
+    assert not [m for m in metrics(whole) if "eval_ce" in m]
+
+
+def test_tensorboard_gets_the_held_out_metrics(tiny_student, tiny_teacher, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows(24))
+    project = tmp_path / "tb"
+    assert distill(tiny_student, tiny_teacher, data, project, "--log", "tensorboard", "--eval-steps", "2") == 0
+    events = list(project.rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"loss", "kd", "ce", "eval_kl_to_teacher", "eval_top1_agreement"} <= set(tags)
+    steps = [e.step for e in acc.Scalars("eval_kl_to_teacher")]
+    assert steps == [0, 2, 4, 6]  # 23 training rows: 6 steps
+    logged = [m["eval_kl_to_teacher"] for m in metrics(project) if "eval_kl_to_teacher" in m]
+    assert [e.value for e in acc.Scalars("eval_kl_to_teacher")] == pytest.approx(logged, rel=1e-5)
+
+
+def test_compare_baseline_trains_the_same_student_without_distillation_and_judges_all_three(
+        tiny_student, tiny_teacher, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", rows(24))
+    project = tmp_path / "cmp"
+    assert distill(tiny_student, tiny_teacher, data, project, "--compare-baseline", "--epochs", "2") == 0
+    # The baseline is the distilled run's own sequences without the teacher's distribution: it equals a
+    # distillation run with --distill-alpha 0 (labels only) on the same teacher answers, step for step.
+    alpha0 = tmp_path / "alpha0"
+    assert distill(tiny_student, tiny_teacher, data, alpha0, "--distill-alpha", "0", "--epochs", "2") == 0
+    assert_same_weights(project / "baseline", alpha0, atol=1e-6)
+    base_metrics = metrics(project / "baseline")
+    assert all(m["kd"] == 0 for m in base_metrics if "kd" in m)
+
+    cmp = json.loads((project / "comparison.json").read_text())
+    assert set(cmp["models"]) == {"distilled", "baseline", "teacher"}
+    assert cmp["held_out_rows"] == 1
+    teacher, distilled = cmp["models"]["teacher"], cmp["models"]["distilled"]
+    assert teacher["kl_to_teacher"] == pytest.approx(0, abs=1e-4) and teacher["top1_agreement"] == 1.0
+    assert distilled["kl_to_teacher"] > 0 and distilled["parameters"] < teacher["parameters"]
+    assert distilled["disk_bytes"] > 0 and distilled["tokens_per_s"] > 0
+    # Training's evaluation reads the cached teacher (its head plus one bucket for the rest: a lower bound of
+    # the KL); the judge has the exact distribution. Same row, same student: exact >= bound.
+    last_eval = [m for m in metrics(project) if "eval_kl_to_teacher" in m][-1]
+    assert distilled["kl_to_teacher"] >= last_eval["eval_kl_to_teacher"] - 1e-6
+    out = capsys.readouterr().out
+    assert "| distilled |" in out and "| baseline |" in out and "the distilled student is" in out
+    card = (project / "README.md").read_text()
+    assert "## With and without distillation" in card and "![comparison](comparison.png)" in card
+    for picture in ("comparison.png", "training_curves.png"):
+        assert (project / picture).read_bytes().startswith(PNG)
+    samples = (project / "samples.md").read_text()
+    assert "| teacher's response |" in samples and "| baseline |" in samples
+    # The teacher's answers were made once, by the distilled run: the baseline has no teacher files.
+    assert not (project / "baseline" / "teacher_outputs.jsonl").exists()
+
+
+def test_compare_baseline_without_held_out_rows_is_refused_before_anything_runs(tiny_student, tiny_teacher, tmp_path,
+                                                                                 capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", rows(8))
+    project = tmp_path / "few"
+    assert distill(tiny_student, tiny_teacher, data, project, "--compare-baseline") == 2
+    err = capsys.readouterr().err
+    assert "--compare-baseline needs held-out rows" in err and err.count("\n") == 1
+    assert not project.exists()
+
+
+def test_eval_command_judges_a_model_and_reuses_the_teachers_answers(tiny_student, tiny_teacher, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "held.jsonl", rows(3))
+    out = tmp_path / "judged" / "eval.json"
+    args = ["eval", "--model", tiny_student, "--teacher-model", tiny_teacher, "--data-path", data,
+            "--max-new-tokens", "6", "--output", str(out)]
+    assert main([*args, "--baseline", tiny_teacher]) == 0
+    record = json.loads(out.read_text())
+    assert set(record["models"]) == {"model", "baseline", "teacher"}
+    model, teacher = record["models"]["model"], record["models"]["teacher"]
+    assert record["held_out_rows"] == 3 and len(record["samples"]) == 3 and "teacher's response" in record["samples"][0]
+    assert teacher["kl_to_teacher"] == pytest.approx(0, abs=1e-4)
+    assert record["models"]["baseline"]["kl_to_teacher"] == pytest.approx(0, abs=1e-4)  # the teacher itself
+    assert model["kl_to_teacher"] > 1e-3 and model["perplexity"] > 1 and 0 <= model["rouge_l"] <= 1
+    assert "| model |" in capsys.readouterr().out
+    written = out.parent / "eval_teacher" / "teacher_outputs.jsonl"
+    before = written.read_text()
+    assert main(args) == 0  # another model, the same teacher and rows: the answers are read back, not rewritten
+    assert written.read_text() == before
+    assert json.loads(out.read_text())["models"]["model"]["kl_to_teacher"] == pytest.approx(model["kl_to_teacher"])
+
+
+def test_eval_command_across_tokenizers_judges_on_text(real_tokenizers, tiny_teacher, tmp_path):
+    student = other_tokenizer_student(real_tokenizers["llama-spm"], tmp_path / "spm-student")
+    data = write_jsonl(tmp_path / "held.jsonl", rows(2))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", student, "--teacher-model", tiny_teacher, "--data-path", data,
+                 "--max-new-tokens", "6", "--output", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["models"]["teacher"]["kl_per_byte"] == pytest.approx(0, abs=1e-4)
+    assert record["models"]["model"]["kl_per_byte"] > 0
+
+
+def test_eval_command_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--teacher-model", str(tmp_path / "nope"),
+                 "--data-path", "x.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aitraining: error: --model") and err.count("\n") == 1
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_and_keeps_the_last_checkpoint(tiny_student, tiny_teacher, tmp_path,
+                                                                                 monkeypatch, capsys):
+    from aitraining.objective import Objective
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows(16))
+    project = tmp_path / "nan"
+    real = Objective.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 6:  # step 2 of the second epoch (4 steps per epoch)
+            return (out[0] * float("nan"), *out[1:])
+        return out
+
+    monkeypatch.setattr(Objective, "forward", poisoned)
+    assert distill(tiny_student, tiny_teacher, data, project, "--epochs", "2") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("aitraining: error: the loss became nan at step 6")
+    assert "checkpoint-4" in errors[0] and "Traceback" not in errors[0]
+    assert [p.name for p in project.glob("checkpoint-*")] == ["checkpoint-4"]
+    assert json.loads((project / "run.json").read_text())["status"] == "running"
+
+
+def test_with_a_live_teacher_training_evaluation_and_the_judge_are_one_metric(tiny_student, tiny_teacher, tmp_path):
+    """The same exact KL, measured by training's held-out evaluation and by `aitraining eval`, on the same row
+    (the teacher answers it again, greedily, to the same length: the same tokens)."""
+    from aitraining.data import held_out_rows
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows(20))
+    project = tmp_path / "live"
+    assert distill(tiny_student, tiny_teacher, data, project, "--teacher-source", "live") == 0
+    held = write_jsonl(tmp_path / "held.jsonl", [rows(20)[i] for i in held_out_rows(20, 0.05, 3)])
+    assert main(["eval", "--model", str(project), "--teacher-model", tiny_teacher, "--data-path", held,
+                 "--max-new-tokens", "8"]) == 0
+    judged = json.loads((project / "eval.json").read_text())["models"]["model"]
+    last_eval = [m for m in metrics(project) if "eval_kl_to_teacher" in m][-1]
+    assert judged["kl_to_teacher"] == pytest.approx(last_eval["eval_kl_to_teacher"], rel=1e-4)
+    assert judged["top1_agreement"] == pytest.approx(last_eval["eval_top1_agreement"])

@@ -1,0 +1,110 @@
+"""What a run shows: the rows held out by default, the model card's measured figures, the pictures, and the
+comparison section and table."""
+
+from __future__ import annotations
+
+import pytest
+
+from aitraining import card, compare, plots
+from aitraining.data import MIN_ROWS_TO_HOLD_OUT, held_out_rows
+from aitraining.errors import UserError
+from aitraining.params import LLMTrainingParams
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_held_out_rows_are_seeded_stated_and_never_taken_from_small_data():
+    picked = held_out_rows(200, 0.05, seed=7)
+    assert len(picked) == 10 and picked == sorted(picked) and len(set(picked)) == 10
+    assert held_out_rows(200, 0.05, seed=7) == picked  # the same seed, the same rows
+    assert held_out_rows(200, 0.05, seed=8) != picked
+    assert len(held_out_rows(30, 0.05, seed=0)) == 2  # round(1.5) (banker's) -> 2
+    assert len(held_out_rows(MIN_ROWS_TO_HOLD_OUT, 0.01, seed=0)) == 1  # at least one
+    assert held_out_rows(MIN_ROWS_TO_HOLD_OUT - 1, 0.5, seed=0) == []
+    assert held_out_rows(1000, 0.0, seed=0) == []
+    assert len(held_out_rows(20, 0.99, seed=0)) == 19  # always one row left to train on
+
+
+def test_compare_baseline_needs_distillation_on_the_logits():
+    with pytest.raises(UserError, match="--compare-baseline compares a distilled student"):
+        LLMTrainingParams(model="m", data_path="d", compare_baseline=True)
+    with pytest.raises(UserError, match="--distill-mode sequence"):
+        LLMTrainingParams(model="m", data_path="d", teacher_model="t", use_distillation=True, compare_baseline=True,
+                          distill_mode="sequence")
+    with pytest.raises(UserError, match=r"--holdout-share must be in \[0, 1\), got 1.0"):
+        LLMTrainingParams(model="m", data_path="d", holdout_share=1.0)
+    with pytest.raises(UserError, match="--eval-steps must be >= 1, got 0"):
+        LLMTrainingParams(model="m", data_path="d", eval_steps=0)
+
+
+METRICS = [
+    {"step": 0, "epoch": 0, "eval_ce": 9.5, "eval_perplexity": 13360.0, "eval_kl_to_teacher": 15.2,
+     "eval_top1_agreement": 0.01, "eval_n_tokens": 40},
+    {"step": 5, "epoch": 0.5, "loss": 6.1, "kd": 0.9, "ce": 7.0, "tokens": 300, "lr": 1e-4},
+    {"step": 10, "epoch": 1.0, "loss": 4.0, "kd": 0.6, "ce": 5.0, "tokens": 280, "lr": 0.0},
+    {"step": 10, "epoch": 1, "eval_ce": 5.25, "eval_perplexity": 190.57, "eval_kl_to_teacher": 4.4,
+     "eval_top1_agreement": 0.19, "eval_n_tokens": 40},
+]
+
+
+def test_model_card_shows_held_out_figures_before_and_after_not_the_last_logging_window(tmp_path):
+    params = LLMTrainingParams(model="student", teacher_model="teacher", data_path="d.jsonl", use_distillation=True)
+    final = {"step": 10, "loss": 4.0, "lr": 0.0, "tokens": 280, "train_s": 12.5, "teacher_cache_bytes_per_token": 984}
+    card.write_model_card(str(tmp_path), params, final, METRICS, n_train=90, n_valid=5, pictures=["training_curves.png"])
+    text = (tmp_path / "README.md").read_text()
+    assert "On the 5 held-out rows" in text and "held out for evaluation: 5 rows" in text
+    assert "| KL(teacher ‖ student) per response token | 15.2000 | 4.4000 |" in text
+    assert "| top-1 agreement with the teacher | 1.0% | 19.0% |" in text
+    assert "| teacher cache bytes per token | 984 |" in text
+    assert "| lr | 0 |" not in text and "| tokens |" not in text  # the logging window's bookkeeping is no result
+    assert "![training curves](training_curves.png)" in text
+
+    card.write_model_card(str(tmp_path), params, final, METRICS[1:3], n_train=95, n_valid=0)
+    assert "No rows were held out" in (tmp_path / "README.md").read_text()
+
+
+RESULT = {
+    "held_out_rows": 3, "held_out_tokens": 40,
+    "models": {role: {"kl_to_teacher": kl, "top1_agreement": a, "perplexity": p, "rouge_l": r, "parameters": n,
+                      "disk_bytes": d, "tokens_per_s": t, "answers": [f"{role} answer {i}" for i in range(3)],
+                      "ce": 1.0}
+               for role, kl, a, p, r, n, d, t in (("distilled", 4.4, 0.19, 190.0, 0.12, 56_000_000, 224 << 20, 80.0),
+                                                  ("baseline", 6.7, 0.15, 800.0, 0.11, 56_000_000, 224 << 20, 81.0),
+                                                  ("teacher", 0.0, 1.0, 2.1, 0.95, 135_000_000, 540 << 20, 30.0))},
+    "prompts": ["Say | hi", "two", "three"], "references": ["teacher | one", "t2", "t3"],
+}
+
+
+def test_comparison_table_verdict_samples_and_card_section(tmp_path):
+    lines = compare.table(RESULT)
+    assert lines[2] == "| distilled | 4.400 | 19.0% | 190.00 | 0.120 | 56,000,000 | 224 MiB | 80.0 |"
+    assert compare.verdict(RESULT).startswith("the distilled student is closer to the teacher than the baseline: "
+                                              "KL 4.400 vs 6.700 (0.66x)")
+    worse = {**RESULT, "models": {**RESULT["models"], "distilled": {**RESULT["models"]["distilled"], "kl_to_teacher": 7.0}}}
+    assert "NOT closer" in compare.verdict(worse)
+
+    compare.write_samples(str(tmp_path / "samples.md"), RESULT)
+    samples = (tmp_path / "samples.md").read_text()
+    assert "## 1. Say | hi" in samples and "| teacher's response | teacher \\| one |" in samples
+    assert "| baseline | baseline answer 2 |" in samples
+
+    record = compare.without_answers(RESULT)
+    assert "answers" not in record["models"]["distilled"] and record["samples"][1]["distilled"] == "distilled answer 1"
+
+    params = LLMTrainingParams(model="s", teacher_model="t", data_path="d", use_distillation=True)
+    card.write_model_card(str(tmp_path), params, {}, METRICS, n_train=9, n_valid=3)
+    for _ in range(2):  # a second comparison replaces the first, never stacks
+        card.add_comparison(str(tmp_path), lines, compare.verdict(RESULT), ["comparison.png"])
+    text = (tmp_path / "README.md").read_text()
+    assert text.count("## With and without distillation") == 1
+    assert "![comparison](comparison.png)" in text and text.index("## With and without") < text.index("## Use")
+
+
+def test_pictures_are_real_pngs(tmp_path):
+    runs = {"distilled": METRICS, "baseline": [{**m, "kd": 0.0} if "kd" in m else m for m in METRICS]}
+    assert plots.training_curves(str(tmp_path / "curves.png"), runs) == [str(tmp_path / "curves.png")]
+    assert plots.comparison_chart(str(tmp_path / "cmp.png"), RESULT) == [str(tmp_path / "cmp.png")]
+    for name in ("curves.png", "cmp.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000
+    assert plots.training_curves(str(tmp_path / "none.png"), {"x": []}) == []
