@@ -116,6 +116,14 @@ def train_argv(arm: str, student: str, teacher: str, data: str, project: Path, s
             "--distill-max-teacher-length", str(args.max_new_tokens + 1), *ARMS[arm][1]]
 
 
+def finished(arm: str, seed: int, student: str, teacher: str, data: str, work: Path, args: argparse.Namespace) -> bool:
+    """Whether this (arm, seed) already has a finished run of the same command (that `train_arm` would reuse)."""
+    project = work / "runs" / f"{arm}-seed{seed}"
+    record = project / "bench.json"
+    return record.exists() and json.loads(record.read_text()).get("argv") == train_argv(arm, student, teacher, data, project,
+                                                                                         seed, args)
+
+
 def train_arm(arm: str, seed: int, student: str, teacher: str, data: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Train one (arm, seed) in its own process, or reuse a finished run of the same command."""
     project = work / "runs" / f"{arm}-seed{seed}"
@@ -245,6 +253,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(HERE / ".work" / "quality"), help="runs and teacher answers (reused)")
     ap.add_argument("--out", default=str(HERE / "results" / "quality.json"))
     ap.add_argument("--quick", action="store_true", help="tiny models, 12 + 6 prompts, one epoch: for the tests")
+    ap.add_argument("--only-finished", action="store_true",
+                    help="train nothing: report the (arm, seed) runs already finished in --work")
     args = ap.parse_args()
     work, teacher, student, train_prompts, heldout_prompts = setup(args)
     train_answers = teacher_answers(teacher, train_prompts, work / "answers-train.json", args.max_new_tokens, 16)
@@ -263,6 +273,9 @@ def main() -> None:
     result: dict[str, Any] = {}
     for seed in args.seeds:
         for arm in args.arms:
+            if args.only_finished and not finished(arm, seed, student, teacher, train_data, work, args):
+                print(f"  {arm:14s} seed {seed}: not run (--only-finished)", flush=True)
+                continue
             rec = train_arm(arm, seed, student, teacher, train_data, work, args)
             judged = work / "runs" / f"{arm}-seed{seed}" / "judge.json"
             if not judged.exists():

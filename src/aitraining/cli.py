@@ -112,6 +112,9 @@ def _eval(ns: argparse.Namespace) -> int:
     from aitraining.evaluate import run_eval
     from aitraining.models import resolve_model_source
 
+    for name, value in (("--max-rows", ns.max_rows), ("--max-new-tokens", ns.max_new_tokens)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
     output = ns.output or os.path.join(ns.model if os.path.isdir(ns.model) else ".", "eval.json")
     params = LLMTrainingParams(model=ns.model, teacher_model=ns.teacher_model, data_path=ns.data_path,
                                use_distillation=True, teacher_source="live", mixed_precision="no", holdout_share=0.0,

@@ -160,6 +160,8 @@ def test_eval_command_bad_input_is_one_line(tmp_path, capsys):
                  "--data-path", "x.jsonl"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("aitraining: error: --model") and err.count("\n") == 1
+    assert main(["eval", "--model", "m", "--teacher-model", "t", "--data-path", "x.jsonl", "--max-rows", "0"]) == 2
+    assert capsys.readouterr().err == "aitraining: error: --max-rows must be >= 1, got 0\n"
 
 
 def test_a_loss_that_is_not_finite_stops_the_run_and_keeps_the_last_checkpoint(tiny_student, tiny_teacher, tmp_path,
