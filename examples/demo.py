@@ -72,7 +72,6 @@ def main() -> int:
     print(f"\n  one held-out prompt: {sample['prompt']}")
     for who in ("teacher's response", "distilled", "baseline"):
         print(f"  {who + ':':<20} {' '.join(sample[who].split())[:300]}")
-    print(f"\n{result['verdict']}")
     print(f"the distilled student is in {distilled} (load it with AutoModelForCausalLM.from_pretrained); its model card, "
           f"comparison.png, training_curves.png and samples.md are beside it; {time.time() - started:.0f} s in all")
     return 0

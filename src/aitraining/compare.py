@@ -46,7 +46,10 @@ def compare_with_baseline(params: LLMTrainingParams, data: Any, folder: RunFolde
     log.info("the baseline: the same student fine-tuned on the teacher's answers, without distillation (%s)",
              bfolder.path)
     set_seed(params.seed)
-    bdata = Prepared(data.tokenizer, data.train_items, data.valid_items, valid_examples=data.valid_examples)
+    # No teacher in training; the held-out evaluation reads the same cached teacher as the distilled run's, so
+    # both curves of held-out KL are one measurement.
+    bdata = Prepared(data.tokenizer, data.train_items, data.valid_items, valid_examples=data.valid_examples,
+                     judge_source=data.source)
     bfolder.check()
     bfolder.open()
     accelerator.wait_for_everyone()

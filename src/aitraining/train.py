@@ -257,6 +257,7 @@ class Prepared:
     path: Any = None  # teacher.DistillPath
     timings: dict[str, float] = field(default_factory=dict)
     valid_examples: list[data_mod.Example] = field(default_factory=list)
+    judge_source: Any = None  # a teacher that held-out evaluation reads where training has none (the baseline)
 
     @property
     def pad_id(self) -> int:
@@ -505,7 +506,7 @@ class _Evaluation:
         def batches() -> Iterator[tuple[dict[str, torch.Tensor], Targets | None]]:
             for s in range(0, len(self.items), self.params.batch_size):
                 rows = self.items[s : s + self.params.batch_size]
-                yield collate(rows, self.data.pad_id), batch_targets(rows, self.data.source)
+                yield collate(rows, self.data.pad_id), batch_targets(rows, self.data.source or self.data.judge_source)
 
         ev = response_metrics(model, batches(), chunk_size=self.params.loss_chunk_size or 512)
         self.folder.log_metrics({"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in ev.items()}}, self.accelerator)

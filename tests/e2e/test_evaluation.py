@@ -89,6 +89,10 @@ def test_compare_baseline_trains_the_same_student_without_distillation_and_judge
     assert_same_weights(project / "baseline", alpha0, atol=1e-6)
     base_metrics = metrics(project / "baseline")
     assert all(m["kd"] == 0 for m in base_metrics if "kd" in m)
+    # Its held-out curve is measured against the same cached teacher as the distilled run's.
+    assert [m["step"] for m in base_metrics if "eval_kl_to_teacher" in m] == [0, 6, 12]
+    assert [m["eval_kl_to_teacher"] for m in base_metrics if m["step"] == 0 and "eval_kl_to_teacher" in m] == \
+        [m["eval_kl_to_teacher"] for m in metrics(project) if m["step"] == 0 and "eval_kl_to_teacher" in m]
 
     cmp = json.loads((project / "comparison.json").read_text())
     assert set(cmp["models"]) == {"distilled", "baseline", "teacher"}
