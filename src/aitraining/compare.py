@@ -11,7 +11,6 @@ the model card, `comparison.png` and `samples.md` (held-out prompts with the thr
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -160,11 +159,3 @@ def _one_line(text: str, limit: int = 120) -> str:
 
 def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|") or "*(empty)*"
-
-
-def load(project: str) -> dict[str, Any] | None:
-    path = os.path.join(project, COMPARISON_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

@@ -404,10 +404,10 @@ def run_eval(params: LLMTrainingParams, output: str, *, baseline: str | None = N
     work = os.path.join(out_dir, "eval_teacher")
     folders = {"model": params.model or "", **({"baseline": baseline} if baseline else {}),
                "teacher": params.teacher_model or ""}
+    teacher_tokenizer = models.load_tokenizer(folders["teacher"], trust_remote_code=params.trust_remote_code,
+                                              token=params.token, flag="--teacher-model")
     same = all(match_tokenizers(models.load_tokenizer(folders[r], trust_remote_code=params.trust_remote_code,
-                                                      token=params.token),
-                                models.load_tokenizer(folders["teacher"], trust_remote_code=params.trust_remote_code,
-                                                      token=params.token, flag="--teacher-model")).same
+                                                      token=params.token), teacher_tokenizer).same
                for r in folders if r != "teacher")
     os.makedirs(work, exist_ok=True)
     if same:

@@ -535,8 +535,9 @@ def finish(fitted: Fitted, data: Prepared, params: LLMTrainingParams, folder: Ru
         from aitraining import plots
         from aitraining.card import write_model_card
 
-        curves = plots.training_curves(folder.file("training_curves.png"), {folder.name: folder.metrics()})
-        write_model_card(folder.path, params, final, folder.metrics(), n_train=len(data.train_items),
+        metrics = folder.metrics()
+        curves = plots.training_curves(folder.file("training_curves.png"), {folder.name: metrics})
+        write_model_card(folder.path, params, final, metrics, n_train=len(data.train_items),
                          n_valid=len(data.valid_items), distill_path=described, summary=summary,
                          pictures=[os.path.basename(p) for p in curves])
         folder.write_run_file("finished", final_metrics=final, **({"distill_path": described} if described else {}))
