@@ -22,10 +22,11 @@ DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_
 CHAT_TEMPLATES = ("auto", "tokenizer", "none", "chatml", "zephyr")
 
 # Keys of the parameter JSON that never reach disk (secrets) and those that only steer *this* invocation
-# (they do not make a run "different" when the project folder is reused).
+# (they do not make a run "different" when the project folder is reused). --skip-bad-rows is one: a run without
+# it either fails on a bad row or trains on the very rows it would keep.
 SECRET_FIELDS = frozenset({"token"})
 INVOCATION_FIELDS = frozenset({"resume_from_checkpoint", "overwrite", "token", "log", "eval_steps", "eval_max_rows",
-                               "compare_baseline"})
+                               "compare_baseline", "skip_bad_rows"})
 
 
 def digest(obj: Any, length: int = 24) -> str:
@@ -67,6 +68,10 @@ class LLMTrainingParams(BaseModel):
     prompt_text_column: str = _f("prompt", "Data", "Column of prompts in prompt/response rows")
     response_column: str = _f("response", "Data", "Column of responses in prompt/response rows")
     max_samples: int | None = _f(None, "Data", "Use at most this many training rows", ge=1)
+    skip_bad_rows: bool = _f(
+        False, "Data", "Leave out rows that cannot be used (not JSON, wrong types, missing columns) instead of "
+        "stopping; they are counted on the console and listed in skipped_rows.jsonl in the project folder",
+    )
     block_size: int = _f(1024, "Data", "Maximum tokens of one student sequence (prompt + response)", ge=8)
     chat_template: str | None = _f(
         None,

@@ -52,6 +52,7 @@ class RunFolder:
         self.params = params
         self.path = os.path.abspath(params.project_name)
         self.is_main = is_main
+        self.skipped_rows: list[Any] = []  # data.SkippedRow: rows --skip-bad-rows left out
 
     @property
     def name(self) -> str:
@@ -137,9 +138,13 @@ class RunFolder:
 
     def write_json(self, name: str, record: Any) -> str:
         """A JSON file of the folder, written aside then renamed (never torn)."""
+        return self.write_text(name, json.dumps(record, indent=2, ensure_ascii=False))
+
+    def write_text(self, name: str, text: str) -> str:
+        """A file of the folder, written aside then renamed (never torn)."""
         path = self.file(name)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2, ensure_ascii=False)
+            f.write(text)
         os.replace(path + ".tmp", path)
         return path
 

@@ -265,7 +265,8 @@ class Teacher:
 
     def prompt_ids(self, ex: Example) -> list[int]:
         assert ex.messages is not None
-        text, special = render_prompt(self.tokenizer, ex.messages, self.params.effective_teacher_template, self.chat_template)
+        text, special = render_prompt(self.tokenizer, ex.messages, self.params.effective_teacher_template, self.chat_template,
+                                      place=ex.place)
         return encode(self.tokenizer, text, add_special_tokens=special)
 
     @property

@@ -19,10 +19,12 @@ gradients). So 1 x 8, 4 x 2 and 2 processes x 4 all give the gradient of one big
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +40,8 @@ from aitraining.models import causal_lm
 from aitraining.objective import Objective
 from aitraining.params import LLMTrainingParams
 from aitraining.runfolder import RunFolder
+
+SKIPPED_FILE = "skipped_rows.jsonl"
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +87,8 @@ def student_items(
         if t is None or ex.messages is None:
             items.append(None)
             continue
-        prompt, special = data_mod.render_prompt(tokenizer, ex.messages, params.student_prompt_template, chat_template)
+        prompt, special = data_mod.render_prompt(tokenizer, ex.messages, params.student_prompt_template, chat_template,
+                                                 place=ex.place)
         response, rows = t.response_ids, None
         if aligner is not None:
             aligned = aligner(t.response_ids, t.ended)
@@ -198,12 +203,14 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     _preflight(params)
     # Tied embeddings are saved once in checkpoints; accelerate reports that at every save. Expected, so quiet.
     logging.getLogger("accelerate.utils.other").addFilter(lambda r: "Removed shared tensor" not in r.getMessage())
-    train_examples, valid_examples = data_mod.load_examples(params)
+    loaded = data_mod.read_examples(params)
+    train_examples, valid_examples = loaded.train, loaded.valid
     if params.compare_baseline and not valid_examples:
         raise UserError(f"--compare-baseline needs held-out rows to judge on: the data has {len(train_examples)} rows "
                         f"(fewer than {data_mod.MIN_ROWS_TO_HOLD_OUT} are never split, and --holdout-share "
                         f"{params.holdout_share:g} holds none); pass --valid-split or more rows")
     folder = RunFolder(params)
+    folder.skipped_rows = loaded.skipped
     folder.check()
     accelerator = _accelerator(params, folder.path)
     folder.is_main = accelerator.is_main_process
@@ -335,6 +342,8 @@ def _open_folder(folder: RunFolder, accelerator: Any, train: list[Any], valid: l
     accelerator.wait_for_everyone()
     log.info("project folder: %s", folder.path)
     params = folder.params
+    if folder.skipped_rows:
+        _report_skipped(folder, len(train) + len(valid))
     if valid and not params.valid_split:
         log.info("held out for evaluation: %d of %d rows (%g%%, drawn with --seed %d); --valid-split names your "
                  "own, --holdout-share 0 trains on every row", len(valid), len(train) + len(valid),
@@ -342,6 +351,17 @@ def _open_folder(folder: RunFolder, accelerator: Any, train: list[Any], valid: l
     elif not valid and not params.valid_split and params.holdout_share > 0:
         log.info("nothing held out for evaluation: %d rows (fewer than %d); pass --valid-split to evaluate",
                  len(train), data_mod.MIN_ROWS_TO_HOLD_OUT)
+
+
+def _report_skipped(folder: RunFolder, n_kept: int) -> None:
+    """--skip-bad-rows: how many rows were left out and why, on the console and in skipped_rows.jsonl."""
+    skipped = folder.skipped_rows
+    lines = [json.dumps({"file": s.file, "place": s.place, "reason": s.reason}, ensure_ascii=False) for s in skipped]
+    folder.write_text(SKIPPED_FILE, "\n".join(lines) + "\n")
+    reasons = Counter(s.reason.split(" (")[0] for s in skipped)
+    log.warning("--skip-bad-rows: left out %d of %d rows (%s); the first: %s; every one in %s", len(skipped),
+                len(skipped) + n_kept, ", ".join(f"{n} {why}" for why, n in reasons.most_common(3)), skipped[0],
+                folder.file(SKIPPED_FILE))
 
 
 # -------------------------------------------------------------------------------- stage 2: the student

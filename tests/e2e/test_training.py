@@ -343,3 +343,25 @@ def test_a_folder_locked_by_a_running_process_is_refused_and_free_once_it_ends(t
         holder.kill()
         holder.wait()
     assert cli(*common(tiny_student, pairs_file, project, "--epochs", "1")) == 0  # the kernel dropped the lock
+
+
+def test_bad_rows_stop_the_run_or_are_left_out_with_skip_bad_rows(tiny_student, tmp_path, capsys, caplog):
+    """A damaged line stops the run before anything is written (exit 2, the line named); --skip-bad-rows trains on
+    the rest and says how many were left out, and which, in the project folder."""
+    good = [json.dumps({"prompt": f"Say {i}.", "response": f"{i}"}) for i in range(24)]
+    lines = [*good[:5], '{"prompt": "cut', *good[5:9], json.dumps({"prompt": ["x"], "response": "y"}), *good[9:]]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    project = tmp_path / "p"
+    assert cli(*common(tiny_student, str(data), project, "--epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert f"{data} line 6 is not valid JSON" in err and "--skip-bad-rows" in err and err.count("\n") == 1
+    assert not project.exists()
+    caplog.set_level("WARNING", logger="aitraining")
+    assert cli(*common(tiny_student, str(data), project, "--epochs", "1", "--skip-bad-rows")) == 0
+    assert "--skip-bad-rows: left out 2 of 26 rows (1 is not valid JSON, 1 column 'prompt' must be a string, got list)" in caplog.text
+    listed = [json.loads(line) for line in (project / "skipped_rows.jsonl").read_text().splitlines()]
+    assert [(r["place"], r["reason"]) for r in listed] == [("line 6", "is not valid JSON (Unterminated string starting at)"),
+                                                          ("line 11", "column 'prompt' must be a string, got list")]
+    teacherless = json.loads((project / "run.json").read_text())
+    assert teacherless["status"] == "finished"

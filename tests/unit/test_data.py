@@ -222,8 +222,9 @@ def test_folder_missing_valid_split(tmp_path: Path) -> None:
 def test_read_rows_optional_split(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", PAIRS)
     assert read_rows(str(tmp_path), "valid", required=False) is None
-    rows, where = read_rows(str(tmp_path), "train", required=False)  # type: ignore[misc]
-    assert rows == PAIRS and where == str(path)
+    got = read_rows(str(tmp_path), "train", required=False)
+    assert got is not None and got.rows == PAIRS and got.where == str(path)
+    assert got.places == [f"line {i}" for i in range(1, len(PAIRS) + 1)] and got.skipped == []
 
 
 def test_valid_split_needs_a_folder(tmp_path: Path) -> None:
@@ -310,7 +311,7 @@ def test_missing_columns_in_first_row_name_columns_and_flags(tmp_path: Path) -> 
         load_examples(params(path))
     msg = str(e.value)
     for part in (
-        "row 1",
+        "line 1",
         "['answer', 'question']",
         "'text'",
         "--text-column",
@@ -336,14 +337,14 @@ def test_missing_column_in_a_later_row(tmp_path: Path) -> None:
     with pytest.raises(UserError) as e:
         load_examples(params(path))
     msg = str(e.value)
-    assert "row 2" in msg and "'prompt'" in msg and "--prompt-text-column" in msg
+    assert "line 2" in msg and "'prompt'" in msg and "--prompt-text-column" in msg
 
 
 def test_missing_text_in_a_later_row(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"txt": "b"}])
     with pytest.raises(UserError) as e:
         load_examples(params(path))
-    assert "row 2 has no 'text' column (--text-column)" in str(e.value)
+    assert "line 2 has no 'text' column (--text-column)" in str(e.value)
 
 
 def test_prompt_without_response_column_needs_distillation(tmp_path: Path) -> None:
@@ -358,22 +359,22 @@ def test_prompt_without_response_column_needs_distillation(tmp_path: Path) -> No
 
 def test_missing_response_in_a_later_row(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [PAIRS[0], {"prompt": "p"}])
-    with pytest.raises(UserError, match=r"row 2 has no 'response' \(--response-column\)"):
+    with pytest.raises(UserError, match=r"line 2 has no 'response' \(--response-column\)"):
         load_examples(params(path))
 
 
 def test_non_string_values(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": 3}])
-    with pytest.raises(UserError, match=r"row 1 column 'response' must be a string"):
+    with pytest.raises(UserError, match=r"line 1 column 'response' must be a string"):
         load_examples(params(path))
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": ["a"]}])
-    with pytest.raises(UserError, match=r"row 1 column 'text' must be a string, got list"):
+    with pytest.raises(UserError, match=r"line 1 column 'text' must be a string, got list"):
         load_examples(params(path))
 
 
 def test_empty_text_row(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": "   "}])
-    with pytest.raises(UserError, match=r"row 2 has an empty 'text'"):
+    with pytest.raises(UserError, match=r"line 2 has an empty 'text'"):
         load_examples(params(path))
 
 
