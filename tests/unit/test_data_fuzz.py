@@ -22,7 +22,7 @@ from aitraining.data import read_examples, render_prompt, resolve_chat_template,
 from aitraining.errors import UserError
 from aitraining.params import LLMTrainingParams
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 # JSON values of every type, nested; strings with NULs, control characters and non-ASCII text.
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20)
