@@ -22,6 +22,8 @@ from typing import Any, NoReturn
 from aitraining.errors import UserError
 from aitraining.params import LLMTrainingParams, flag
 
+PICKLE_HELP = "load pickled weights (.bin, .pt), which can run code while they load (off: safetensors and GGUF only)"
+
 GROUP_ORDER = ("Model", "Data", "Training", "LoRA", "Distillation")
 
 
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--output", required=True, help="folder to write the student to")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     prune.add_argument("--trust-remote-code", action="store_true", help="run model code from the repository")
+    prune.add_argument("--allow-pickle-weights", action="store_true", help=PICKLE_HELP)
 
     transplant = sub.add_parser(
         "transplant", help="give a model another tokenizer (embeddings of the new tokens from the old pieces)",
@@ -88,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     transplant.add_argument("--output", required=True, help="folder to write the model to")
     transplant.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     transplant.add_argument("--trust-remote-code", action="store_true", help="run model code from the repository")
+    transplant.add_argument("--allow-pickle-weights", action="store_true", help=PICKLE_HELP)
     ev = sub.add_parser(
         "eval", help="judge a model against its teacher on held-out prompts (eval.json)",
         description="KL(teacher || model) per token of the teacher's responses, top-1 agreement, perplexity, "
@@ -104,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=256, help="longest response the teacher writes")
     ev.add_argument("--chat-template", default=None, help="as for `aitraining llm`")
     ev.add_argument("--trust-remote-code", action="store_true", help="run model code from the repository")
+    ev.add_argument("--allow-pickle-weights", action="store_true", help=PICKLE_HELP)
     return parser
 
 
@@ -120,7 +125,7 @@ def _eval(ns: argparse.Namespace) -> int:
                                use_distillation=True, teacher_source="live", mixed_precision="no", holdout_share=0.0,
                                max_samples=ns.max_rows, distill_max_teacher_length=ns.max_new_tokens,
                                chat_template=ns.chat_template, trust_remote_code=ns.trust_remote_code,
-                               project_name=os.path.dirname(os.path.abspath(output)))
+                               allow_pickle_weights=ns.allow_pickle_weights, project_name=os.path.dirname(os.path.abspath(output)))
     resolve_model_source(ns.model, flag="--model")
     resolve_model_source(ns.teacher_model, flag="--teacher-model")
     if ns.baseline:
@@ -189,14 +194,14 @@ def main(argv: list[str] | None = None) -> int:
             from aitraining.models import prune_to_folder
 
             out = prune_to_folder(ns.model, ns.num_layers, ns.output, overwrite=ns.overwrite,
-                                  trust_remote_code=ns.trust_remote_code)
+                                  trust_remote_code=ns.trust_remote_code, allow_pickle=ns.allow_pickle_weights)
             print(f"done: {out}")
             return 0
         if ns.command == "transplant":
             from aitraining.models import transplant_to_folder
 
             out = transplant_to_folder(ns.model, ns.tokenizer, ns.output, overwrite=ns.overwrite,
-                                       trust_remote_code=ns.trust_remote_code)
+                                       trust_remote_code=ns.trust_remote_code, allow_pickle=ns.allow_pickle_weights)
             print(f"done: {out}")
             return 0
         parser.print_help()

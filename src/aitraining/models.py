@@ -195,6 +195,26 @@ def _has_safetensors(folder: str) -> bool:
     return any(Path(folder).glob("*.safetensors"))
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def refuse_pickled_weights(name: str, *, allowed: bool, flag: str = "--model") -> None:
+    """Pickled weights (`pytorch_model.bin`, `.pt`) can run code while they load: a local folder that holds only
+    those is refused unless the user allowed them (--allow-pickle-weights). Safetensors and GGUF hold data only."""
+    if allowed:
+        return
+    source = resolve_model_source(name, flag=flag)
+    if source.gguf_file is not None or not source.is_local or _has_safetensors(source.folder):
+        return
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in Path(source.folder).glob(pattern))
+    if pickled:
+        raise UserError(
+            f"{flag}: '{name}' holds pickled weights only ({', '.join(pickled[:3])}), which can run code when loaded; "
+            "convert them to safetensors (load once and save_pretrained, which writes model.safetensors), or pass "
+            "--allow-pickle-weights if you trust where they came from"
+        )
+
+
 def load_causal_lm(
     name: str,
     *,
@@ -202,6 +222,7 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     token: str | None = None,
     flag: str = "--model",
+    allow_pickle: bool = False,
 ) -> PreTrainedModel:
     """Load a causal language model from a folder, ``.gguf`` file or hub id.
 
@@ -215,13 +236,14 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(name, flag=flag)
+    refuse_pickled_weights(name, allowed=allow_pickle, flag=flag)
     kwargs: dict[str, object] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "token": token}
     if source.gguf_file is not None:
         kwargs["gguf_file"] = source.gguf_file
         # transformers advises float32 for packed GGUF kernels; `materialize` below rebuilds plain weights in
         # `dtype`, so that advice (which a user cannot act on) is noise here.
         logging.getLogger("transformers.quantizers.quantizer_gguf").addFilter(_quiet_gguf_dtype_advice)
-    elif source.is_local and _has_safetensors(source.folder):
+    elif (source.is_local and _has_safetensors(source.folder)) or (not source.is_local and not allow_pickle):
         kwargs["use_safetensors"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
@@ -453,6 +475,7 @@ def prune_to_folder(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     token: str | None = None,
+    allow_pickle: bool = False,
 ) -> str:
     """Depth-prune a model and save it, with its tokenizer and a short README, to ``output``.
 
@@ -473,7 +496,7 @@ def prune_to_folder(
     out = _output_folder(output, overwrite)
 
     tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code, token=token)
-    model = load_causal_lm(model_name, trust_remote_code=trust_remote_code, token=token)
+    model = load_causal_lm(model_name, trust_remote_code=trust_remote_code, token=token, allow_pickle=allow_pickle)
     total = len(_decoder_layers(model)[1])
     kept = kept_layer_indices(total, num_layers)
     pruned = depth_prune(model, num_layers)
@@ -549,7 +572,7 @@ def transplant_tokenizer(model: PreTrainedModel, old: Any, new: Any) -> PreTrain
 
 def transplant_to_folder(
     model_name: str, tokenizer_name: str, output: str, *, overwrite: bool = False, trust_remote_code: bool = False,
-    token: str | None = None,
+    token: str | None = None, allow_pickle: bool = False,
 ) -> str:
     """`transplant_tokenizer` of a model onto the tokenizer of another model (folder, .gguf or hub id), saved with
     that tokenizer to ``output``. A tokenizer without a chat template gets the model's own (the format the model
@@ -560,7 +583,8 @@ def transplant_to_folder(
     for name, tok in (("--model", old), ("--tokenizer", new)):
         if not getattr(tok, "is_fast", False):
             raise UserError(f"{name}: a fast tokenizer (tokenizer.json) is needed to read what each token writes")
-    model = transplant_tokenizer(load_causal_lm(model_name, trust_remote_code=trust_remote_code, token=token), old, new)
+    model = transplant_tokenizer(load_causal_lm(model_name, trust_remote_code=trust_remote_code, token=token,
+                                                allow_pickle=allow_pickle), old, new)
     if not getattr(new, "chat_template", None) and getattr(old, "chat_template", None):
         new.chat_template = old.chat_template
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,8 @@ CHAT_TEMPLATES = ("auto", "tokenizer", "none", "chatml", "zephyr")
 # it either fails on a bad row or trains on the very rows it would keep.
 SECRET_FIELDS = frozenset({"token"})
 INVOCATION_FIELDS = frozenset({"resume_from_checkpoint", "overwrite", "token", "log", "eval_steps", "eval_max_rows",
-                               "compare_baseline", "skip_bad_rows"})
+                               "compare_baseline", "skip_bad_rows",
+                               "allow_pickle_weights"})
 
 
 def digest(obj: Any, length: int = 24) -> str:
@@ -54,6 +55,9 @@ class LLMTrainingParams(BaseModel):
     overwrite: bool = _f(False, "Model", "Allow replacing a different finished run in --project-name")
     trust_remote_code: bool = _f(False, "Model", "Run model code from the model repository (off by default)")
     token: str | None = _f(None, "Model", "Hub token (never written to disk)")
+    allow_pickle_weights: bool = _f(
+        False, "Model", "Load models whose weights are pickled (.bin, .pt), which can run code while they load; "
+        "without it only safetensors and GGUF weights are read")
 
     # Data
     data_path: str | None = _f(None, "Data", "A .jsonl/.json/.csv/.parquet file, a folder of split files, or a datasets folder")

@@ -252,6 +252,7 @@ class Teacher:
                 trust_remote_code=self.params.trust_remote_code,
                 token=self.params.token,
                 flag="--teacher-model",
+                allow_pickle=self.params.allow_pickle_weights,
             ).to(self.device)
             self._model.eval()
             self._model.requires_grad_(False)

@@ -128,9 +128,10 @@ def windows(micro: list[list[int]], accumulation: int) -> list[list[list[int]]]:
 
 def _preflight(params: LLMTrainingParams) -> None:
     """Everything that can be checked before a file is written or a model is loaded."""
-    models.resolve_model_source(params.model or "", flag="--model")
+    models.refuse_pickled_weights(params.model or "", allowed=params.allow_pickle_weights, flag="--model")
     if params.use_distillation:
-        models.resolve_model_source(params.teacher_model or "", flag="--teacher-model")
+        models.refuse_pickled_weights(params.teacher_model or "", allowed=params.allow_pickle_weights,
+                                      flag="--teacher-model")
     if params.resume_from_checkpoint and params.resume_from_checkpoint != "latest":
         if not os.path.isdir(params.resume_from_checkpoint):
             raise UserError(
@@ -368,7 +369,7 @@ def _report_skipped(folder: RunFolder, n_kept: int) -> None:
 
 
 def build_student(params: LLMTrainingParams, *, distilling: bool) -> Any:
-    model = models.load_causal_lm(params.model or "", dtype=torch.float32, trust_remote_code=params.trust_remote_code,
+    model = models.load_causal_lm(params.model or "", dtype=torch.float32, trust_remote_code=params.trust_remote_code, allow_pickle=params.allow_pickle_weights,
                                   token=params.token)
     if distilling:
         _advise(params, model)

@@ -148,7 +148,8 @@ def test_what_the_teacher_scored_is_what_the_student_trained_on(tiny_teacher, ti
     assert trained == set(responses)
 
 
-def test_teacher_runs_once_whatever_the_epochs_and_is_reused(tiny_student, tiny_teacher, prompts_file, tmp_path, monkeypatch):
+def test_teacher_runs_once_whatever_the_epochs_and_is_reused(tiny_student, tiny_teacher, prompts_file, tmp_path, monkeypatch,
+                                                            capfd):
     calls = {"generate": 0, "score": 0, "load": 0}
     real_generate, real_score = Teacher.generate, Teacher.score
 
@@ -180,7 +181,8 @@ def test_teacher_runs_once_whatever_the_epochs_and_is_reused(tiny_student, tiny_
 
     monkeypatch.setattr(models_mod, "load_tokenizer", load_tok)
     args = ["llm", "--train", "--model", tiny_student, "--teacher-model", tiny_teacher, "--data-path", prompts_file,
-            "--use-distillation", "--distill-max-teacher-length", "6", "--teacher-batch-size", "4", "--batch-size", "4"]
+            "--use-distillation", "--distill-max-teacher-length", "6", "--teacher-batch-size", "4", "--batch-size", "4",
+            "--token", "hf_DISTILL_SECRET_42"]
     assert main([*args, "--project-name", str(tmp_path / "one"), "--epochs", "1"]) == 0
     once = dict(calls)
     assert once == {"generate": 2, "score": 0, "load": 1, "tokenizer": 1}  # the tokenizer too, once per run
@@ -189,6 +191,11 @@ def test_teacher_runs_once_whatever_the_epochs_and_is_reused(tiny_student, tiny_
     # A rerun in the same folder (or a resume) finds every response and target cached: no teacher at all.
     assert main([*args, "--project-name", str(tmp_path / "three"), "--epochs", "3"]) == 0
     assert calls["generate"] == 4 and calls["load"] == 2
+    # The token reaches neither the disk (teacher cache, outputs, logs, parameters) nor the console.
+    said = capfd.readouterr()
+    assert "hf_DISTILL_SECRET_42" not in said.out + said.err
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) > 20 and not [p for p in files if b"hf_DISTILL_SECRET_42" in p.read_bytes()]
 
 
 def test_interrupted_generation_keeps_what_was_written(tiny_student, tiny_teacher, prompts_file, tmp_path, monkeypatch):

@@ -365,3 +365,26 @@ def test_bad_rows_stop_the_run_or_are_left_out_with_skip_bad_rows(tiny_student, 
                                                           ("line 11", "column 'prompt' must be a string, got list")]
     teacherless = json.loads((project / "run.json").read_text())
     assert teacherless["status"] == "finished"
+
+
+def test_pickled_weights_are_refused_unless_allowed(tiny_student, pairs_file, tmp_path, capsys):
+    """A folder holding only pytorch_model.bin (pickle: it can run code while it loads) is refused before anything
+    runs, for training, the teacher and `prune`; --allow-pickle-weights loads it."""
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_student, pickled)
+    state = AutoModelForCausalLM.from_pretrained(tiny_student).state_dict()
+    (pickled / "model.safetensors").unlink()
+    torch.save(state, pickled / "pytorch_model.bin")
+    capsys.readouterr()
+    project = tmp_path / "p"
+    for argv in (common(str(pickled), pairs_file, project, "--epochs", "1"),
+                 common(tiny_student, pairs_file, project, "--epochs", "1", "--use-distillation", "--teacher-model",
+                        str(pickled))):
+        assert cli(*argv) == 2
+        err = capsys.readouterr().err
+        assert "holds pickled weights only (pytorch_model.bin)" in err and "--allow-pickle-weights" in err, err
+        assert err.count("\n") == 1 and not project.exists()
+    assert main(["prune", "--model", str(pickled), "--num-layers", "1", "--output", str(tmp_path / "pr")]) == 2
+    assert "holds pickled weights only" in capsys.readouterr().err and not (tmp_path / "pr").exists()
+    assert cli(*common(str(pickled), pairs_file, project, "--epochs", "1", "--allow-pickle-weights")) == 0
+    assert (project / "model.safetensors").exists() and not list(project.glob("*.bin"))
