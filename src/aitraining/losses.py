@@ -109,6 +109,14 @@ A KL term with p > 0 where q = 0 is genuinely +inf (e.g. reverse KL where the te
 the student's is not). The value is reported as +inf, but the term enters autograd as a constant: its
 derivative would be inf, which log_softmax's backward turns into inf - inf = NaN, and would even poison
 rows whose upstream gradient is 0 (0 * inf). Gradients therefore stay finite and cover the finite terms.
+
+Training cannot use an infinite loss, though (a run stops on a loss that is not finite), and a teacher that
+masks part of its vocabulary (-inf logits) makes reverse KL infinite wherever the student puts any mass there.
+So the training loss (`teacher_divergence`) floors the teacher's log-probabilities at TEACHER_LOG_FLOOR for
+reverse KL only: a token the teacher rules out costs the student 100 nats per unit of its mass there, a large,
+finite push away from it. The floor is below every probability float32 holds (its smallest is e^-103.3 as a
+subnormal, e^-87.3 as a normal number), so no teacher probability the float32 softmax can express is changed;
+the other divergences are finite at teacher zeros and are left exact. `divergence` itself stays exact.
 """
 
 from __future__ import annotations
@@ -132,6 +140,7 @@ DIVERGENCES: tuple[str, ...] = DIVERGENCE_KINDS  # one list, the documented --di
 _MIXING_KINDS: frozenset[str] = frozenset({"jsd", "skew_kl", "skew_reverse_kl"})
 
 _NEG_INF = float("-inf")
+TEACHER_LOG_FLOOR = -100.0  # Note [Zero-probability buckets]
 _FIELDS = ("ids", "logp", "sample_logp", "counts", "tail_logp", "tail_lognorm")
 # Cap of the student-to-teacher probability ratio at a sampled id in the tail's gradient (Note [Teacher signal]):
 # only a student that puts over 50x the teacher's share on a drawn token is pushed down less hard than exactly.
@@ -393,6 +402,10 @@ def systematic_sample(logq: Tensor, m: int, offsets: Tensor) -> tuple[Tensor, Te
     return ids, counts
 
 
+class NonFiniteTeacher(ValueError):
+    """Teacher logits that are no distribution (+inf, NaN, or all -inf at a position)."""
+
+
 @torch.no_grad()
 def teacher_targets_from_logits(
     logits: Tensor, k: int, *, samples: int = 0, tau: float = 1.0, offsets: Tensor | None = None
@@ -418,6 +431,10 @@ def teacher_targets_from_logits(
     if samples < 0:
         raise ValueError(f"samples must be >= 0, got {samples}")
     _check_temperature(tau)
+    broken = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+    if broken.any():  # a bfloat16 overflow, or broken weights: nothing here is a distribution
+        raise NonFiniteTeacher(f"teacher logits are not finite at {int(broken.sum())} of {len(broken)} positions "
+                               "(+inf or NaN, or nothing but -inf)")
     logp = F.log_softmax(logits.float(), dim=-1)
     k = min(k, logp.shape[-1])
     head_logp, head_ids = logp.topk(k, dim=-1)
@@ -554,13 +571,18 @@ def teacher_divergence(
     """
     if isinstance(teacher, DenseTargets):
         t = _tempered_log_softmax(teacher.logits(student_logits.shape[-1]), temperature)
-        return divergence(_tempered_log_softmax(student_logits, temperature), t, kind, beta)
+        return divergence(_tempered_log_softmax(student_logits, temperature), _floored(t, kind), kind, beta)
     if isinstance(teacher, CrossTargets):
         return _cross_divergence(student_logits, teacher, temperature, kind, beta)
     if kind == "forward_kl" and teacher.m > 0 and math.isclose(temperature, teacher.tau):
         return _sampled_forward_kl(student_logits, teacher, temperature)
     student = bucket_log_probs(student_logits, teacher.ids[:, : teacher.k], temperature)
-    return divergence(student, teacher.bucket_log_probs(temperature), kind, beta)
+    return divergence(student, _floored(teacher.bucket_log_probs(temperature), kind), kind, beta)
+
+
+def _floored(teacher_logp: Tensor, kind: str) -> Tensor:
+    """Reverse KL's teacher log-probs floored at TEACHER_LOG_FLOOR (Note [Zero-probability buckets])."""
+    return teacher_logp.clamp(min=TEACHER_LOG_FLOOR) if kind == "reverse_kl" else teacher_logp
 
 
 def _sampled_forward_kl(student_logits: Tensor, teacher: TeacherTargets, temperature: float) -> Tensor:
@@ -691,7 +713,7 @@ def _cross_divergence(student_logits: Tensor, teacher: CrossTargets, temperature
         surrogate = (w * (ratio - 1.0) * log_s).sum(-1)
         kd = buckets + p["t_rest"].exp() * (tail_kl.detach() + surrogate - surrogate.detach())
     else:
-        kd = divergence(student, teacher_b, kind, beta)
+        kd = divergence(student, _floored(teacher_b, kind), kind, beta)
     return torch.where(teacher.aligned, kd, 0.0)
 
 

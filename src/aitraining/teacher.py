@@ -39,7 +39,14 @@ from transformers import LogitsProcessor
 
 from aitraining.data import Example, encode, encode_response, render_prompt, resolve_chat_template
 from aitraining.errors import UserError
-from aitraining.losses import CrossTargets, DenseTargets, TeacherTargets, VocabularyMap, teacher_targets_from_logits
+from aitraining.losses import (
+    CrossTargets,
+    DenseTargets,
+    NonFiniteTeacher,
+    TeacherTargets,
+    VocabularyMap,
+    teacher_targets_from_logits,
+)
 from aitraining.models import decoder, generate_answers, output_head, stop_ids
 from aitraining.params import LLMTrainingParams, digest
 
@@ -197,11 +204,17 @@ class _Recorder(LogitsProcessor):
 
 
 def targets_of(logits: torch.Tensor, params: LLMTrainingParams, offsets: torch.Tensor) -> TeacherTargets:
-    """The cached signal of teacher logits under a run's settings (head k, m tail samples at T)."""
-    return teacher_targets_from_logits(
-        logits, params.distill_top_k, samples=params.distill_tail_samples, tau=params.distill_temperature,
-        offsets=offsets,
-    )
+    """The cached signal of teacher logits under a run's settings (head k, m tail samples at T). Logits that are
+    no distribution stop the run before anything of them is cached."""
+    try:
+        return teacher_targets_from_logits(
+            logits, params.distill_top_k, samples=params.distill_tail_samples, tau=params.distill_temperature,
+            offsets=offsets,
+        )
+    except NonFiniteTeacher as e:
+        advice = ("its weights hold values that are not finite, or overflow even in float32" if logits.dtype == torch.float32
+                  else "a 16-bit teacher can overflow: run it in float32 with --mixed-precision no")
+        raise UserError(f"--teacher-model: {e}, computed in {str(logits.dtype).removeprefix('torch.')}; {advice}") from None
 
 
 def teacher_dtype(device: torch.device, mixed_precision: str | None = None) -> torch.dtype:

@@ -187,10 +187,13 @@ def test_unaligned_positions_have_no_distillation_term() -> None:
     vocab = random_map(7)
     s, t = logits(8, VS), logits(9, VT)
     aligned = torch.tensor([True, False, True, False])
-    targets = cross(t, vocab, 4, 8, 3.0, aligned=aligned)
+    with torch.random.fork_rng(devices=[]):  # the tail draws: the same whatever ran before
+        torch.manual_seed(0)
+        targets = cross(t, vocab, 4, 8, 3.0, aligned=aligned)
     z = s.clone().requires_grad_(True)
     kd = teacher_divergence(z, targets, 3.0, "forward_kl")
-    assert kd[1].item() == 0.0 and kd[3].item() == 0.0 and kd[0].item() > 0 and kd[2].item() > 0
+    # An aligned position has a term (the sampled tail's estimate may make it negative); an unaligned one has none.
+    assert kd[1].item() == 0.0 and kd[3].item() == 0.0 and kd[0].item() != 0 and kd[2].item() != 0
     kd.sum().backward()
     assert z.grad[1].abs().max().item() == 0.0 and z.grad[3].abs().max().item() == 0.0
     assert z.grad[0].abs().max().item() > 0
