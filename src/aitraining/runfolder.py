@@ -10,6 +10,7 @@ checkpoints), so a reader sees the previous complete version or the new one, nev
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -36,6 +37,21 @@ def identity(params: LLMTrainingParams) -> str:
 def _read_json(path: str) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def _disk_full(error: BaseException, path: str) -> OSError | None:
+    """A write that failed because the disk is full, as an OSError(ENOSPC), whatever raised it: torch.save reports
+    one as a RuntimeError ("iostream error"). Judged by the error itself, or by the disk having under 1 MiB left
+    when the write failed."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return error
+    if not isinstance(error, (OSError, RuntimeError)):
+        return None
+    try:
+        free = shutil.disk_usage(path if os.path.exists(path) else os.path.dirname(path)).free
+    except OSError:
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) if free < 2**20 else None
 
 
 def checkpoint_time(folder: str) -> float:
@@ -125,6 +141,15 @@ class RunFolder:
         handle.flush()
         self._lock = handle
 
+    def disk_full(self, error: OSError) -> UserError:
+        """The message of a run stopped by a full disk: what was kept, and how to go on."""
+        where = os.path.relpath(error.filename, self.path) if isinstance(error.filename, str) else "a file"
+        kept = self.checkpoints()
+        last = f"the last complete checkpoint ({kept[-1]}) is kept" if kept else "no checkpoint had been written yet"
+        return UserError(f"the disk holding {self.path} is full ({os.strerror(error.errno or 0).lower()}, writing "
+                         f"{where}); the teacher's outputs written so far are kept and {last}: free space, then run "
+                         "the same command again with --resume-from-checkpoint latest")
+
     def release(self) -> None:
         handle = getattr(self, "_lock", None)
         if handle is not None:
@@ -175,8 +200,14 @@ class RunFolder:
     def metrics(self) -> list[dict[str, Any]]:
         if not os.path.exists(self.file(METRICS_FILE)):
             return []
-        with open(self.file(METRICS_FILE), encoding="utf-8") as f:
-            return [json.loads(x) for x in f if x.strip()]
+        out = []
+        with open(self.file(METRICS_FILE), encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:  # a line torn by a kill or a full disk: that record is lost, not the run
+                    continue
+        return out
 
     # ----------------------------------------------------------------------------------------- checkpoints
 
@@ -202,10 +233,18 @@ class RunFolder:
         if self.is_main:
             shutil.rmtree(aside, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(aside, safe_serialization=True)
+        try:
+            accelerator.save_state(aside, safe_serialization=True)
+            if self.is_main:
+                with open(os.path.join(aside, STATE_FILE), "w", encoding="utf-8") as f:
+                    json.dump({"global_step": step, "epoch": epoch, "identity": identity(self.params)}, f, indent=2)
+        except BaseException as e:  # a full disk, an interrupt: the half-written state goes, the last checkpoint stays
+            full = _disk_full(e, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+            if full is not None:
+                raise full from e
+            raise
         if self.is_main:
-            with open(os.path.join(aside, STATE_FILE), "w", encoding="utf-8") as f:
-                json.dump({"global_step": step, "epoch": epoch, "identity": identity(self.params)}, f, indent=2)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(aside, final)
             older = [d for d in reversed(self.checkpoints()) if d != os.path.basename(final)]
@@ -223,7 +262,25 @@ class RunFolder:
         """The trained student as a transformers folder (safetensors); a LoRA run saves its adapter, and with
         --merge-adapter the merged model too (the adapter then in adapter/)."""
         if self.params.peft and self.params.merge_adapter:
-            model.save_pretrained(self.file("adapter"), safe_serialization=True)
+            self._save_aside(model, self.file("adapter"))
             model = model.merge_and_unload()
-        model.save_pretrained(self.path, safe_serialization=True)
+        self._save_aside(model, self.path)
         tokenizer.save_pretrained(self.path)
+
+    def _save_aside(self, model: Any, folder: str) -> None:
+        """save_pretrained into a folder beside, then each file renamed into place: a full disk or a kill leaves no
+        torn weights file where a user would load one."""
+        aside = self.file(".saving.tmp")
+        shutil.rmtree(aside, ignore_errors=True)
+        try:
+            model.save_pretrained(aside, safe_serialization=True)
+        except BaseException as e:
+            full = _disk_full(e, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+            if full is not None:
+                raise full from e
+            raise
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(aside):
+            os.replace(os.path.join(aside, name), os.path.join(folder, name))
+        os.rmdir(aside)

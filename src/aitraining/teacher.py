@@ -111,8 +111,9 @@ class TargetCache:
         os.makedirs(folder, exist_ok=True)
         meta_path = os.path.join(folder, "meta.json")
         if not os.path.exists(meta_path):
-            with open(meta_path, "w", encoding="utf-8") as f:
+            with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=2, sort_keys=True)
+            os.replace(meta_path + ".tmp", meta_path)
         self.entries: dict[str, tuple[int, int]] = {}
         self.n_tokens = 0
         index_path = os.path.join(folder, "index.jsonl")

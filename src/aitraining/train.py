@@ -19,6 +19,7 @@ gradients). So 1 x 8, 4 x 2 and 2 processes x 4 all give the gradient of one big
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from aitraining.params import LLMTrainingParams
 from aitraining.runfolder import RunFolder
 
 SKIPPED_FILE = "skipped_rows.jsonl"
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # no space, over quota, file size limit
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +232,10 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
             from aitraining.compare import compare_with_baseline
 
             compare_with_baseline(params, data, folder, accelerator, show_progress=show_progress)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise folder.disk_full(e) from None
     finally:
         folder.release()
     return folder.path
@@ -487,8 +493,8 @@ def fit(model: Any, data: Prepared, params: LLMTrainingParams, folder: RunFolder
             ev = evaluation(student, step=global_step, epoch=epoch + 1)
             last.update({f"eval_{k}": v for k, v in ev.items()})
             folder.save_checkpoint(accelerator, global_step, epoch + 1)
-    except UserError:
-        bar.close()  # the one-line message starts on a line of its own
+    except Exception:
+        bar.close()  # the one-line message (a stop, a full disk) starts on a line of its own
         raise
     except KeyboardInterrupt:
         bar.close()

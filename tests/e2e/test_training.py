@@ -388,3 +388,44 @@ def test_pickled_weights_are_refused_unless_allowed(tiny_student, pairs_file, tm
     assert "holds pickled weights only" in capsys.readouterr().err and not (tmp_path / "pr").exists()
     assert cli(*common(str(pickled), pairs_file, project, "--epochs", "1", "--allow-pickle-weights")) == 0
     assert (project / "model.safetensors").exists() and not list(project.glob("*.bin"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 60 MB tmpfs (the size is changed later with a remount); skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or done.returncode}): needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_the_run_keeps_everything_and_resumes(tiny_model_factory, tmp_path, small_disk, capsys):
+    """The project on a 60 MB disk: the teacher's outputs and the epoch-1 checkpoint (about 38 MB) fit, the epoch-2
+    checkpoint does not. The run stops with one line (exit 2), the half-written checkpoint is gone, the previous
+    one and every teacher output stay; with space back, the same command resumes and ends on the very weights of
+    a run that never stopped."""
+    student = tiny_model_factory(n_layers=1, seed=4, path=tmp_path / "student")
+    teacher = tiny_model_factory(n_layers=2, seed=5, path=tmp_path / "teacher")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"Count to {i}."} for i in range(8)])
+    argv = lambda project, *extra: ["llm", "--train", "--model", student, "--teacher-model", teacher, "--data-path",  # noqa: E731
+                                    data, "--project-name", str(project), "--use-distillation", "--epochs", "3",
+                                    "--batch-size", "4", "--distill-max-teacher-length", "6", "--mixed-precision", "no",
+                                    "--seed", "3", *extra]
+    assert main(argv(tmp_path / "whole")) == 0
+    project = small_disk / "p"
+    capsys.readouterr()
+    assert main(argv(project)) == 2
+    said = capsys.readouterr().err
+    err = [line for line in said.splitlines() if line.startswith("aitraining: error:")]
+    assert len(err) == 1 and f"the disk holding {project} is full (no space left on device" in err[0], said
+    assert "the last complete checkpoint (checkpoint-2) is kept" in err[0] and "--resume-from-checkpoint latest" in err[0]
+    assert sorted(p.name for p in project.glob("checkpoint-*")) == ["checkpoint-2"]
+    outputs = (project / "teacher_outputs.jsonl").read_text()
+    assert len(outputs.splitlines()) == 8 and (project / "teacher_cache").is_dir()
+    subprocess.run(["mount", "-o", "remount,size=400m", str(small_disk)], check=True)
+    assert main(argv(project, "--resume-from-checkpoint", "latest")) == 0
+    assert (project / "teacher_outputs.jsonl").read_text() == outputs  # nothing regenerated, nothing lost
+    assert_same_weights(str(tmp_path / "whole"), str(project))
