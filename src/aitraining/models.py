@@ -152,6 +152,9 @@ def _first_line(error: BaseException) -> str:
 
 def _load_error(flag: str, name: str, what: str, error: BaseException) -> UserError:
     """Wrap a transformers loading failure into a one-line UserError."""
+    if "custom code" in str(error) or "trust_remote_code" in str(error):
+        return UserError(f"{flag}: '{name}' needs its own model code to load, which runs only with "
+                         "--trust-remote-code; read that code first, then pass the flag if you trust it")
     return UserError(
         f"{flag}: could not load {what} from '{name}' ({_first_line(error)}); pass a local model folder, "
         "a .gguf file, or a hub id that is cached or reachable"

@@ -523,3 +523,55 @@ def test_transplant_rows_are_the_means_of_the_old_pieces(tiny_model_factory: Cal
         zb = b(torch.tensor([text_new])).logits[0]
     torch.testing.assert_close(zb[:, text_new], za[:, text_old], atol=1e-5, rtol=1e-5)
     assert main(["transplant", "--model", folder, "--tokenizer", str(new_folder), "--output", str(out)]) == 2
+
+
+# ------------------------------------------------------------------------------------------- hostile folders
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_paths_inside_a_model_folder_are_never_followed(tiny_model_factory: Callable[..., str], tmp_path: Path) -> None:
+    """A config that names another model (its _name_or_path, the tokenizer's name_or_path) loads the folder the
+    user named, not the one its files point to."""
+    import json
+
+    named = Path(tiny_model_factory(n_layers=1, seed=11, path=tmp_path / "named"))
+    elsewhere = Path(tiny_model_factory(n_layers=1, seed=12, path=tmp_path / "elsewhere"))
+    for name in ("config.json", "tokenizer_config.json"):
+        cfg = json.loads((named / name).read_text())
+        cfg["_name_or_path"] = cfg["name_or_path"] = str(elsewhere)
+        (named / name).write_text(json.dumps(cfg))
+    model = load_causal_lm(str(named))
+    want = _weights(named)
+    for key, value in model.state_dict().items():
+        if key in want:
+            assert torch.equal(value, want[key]), key
+    assert not torch.equal(_weights(named)["model.embed_tokens.weight"], _weights(elsewhere)["model.embed_tokens.weight"])
+    load_tokenizer(str(named))
+
+
+def test_model_code_in_a_folder_never_runs_without_trust_remote_code(tiny_model_factory: Callable[..., str],
+                                                                      tmp_path: Path) -> None:
+    """A config whose auto_map names code beside it (or in another repository) is refused with one line, and the
+    code is never imported: the marker it would write stays absent."""
+    import json
+
+    folder = Path(tiny_model_factory(n_layers=1, seed=13, path=tmp_path / "hostile"))
+    marker = tmp_path / "code-ran"
+    (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    # A known architecture: its own code is used, the folder's is ignored.
+    assert type(load_causal_lm(str(folder))).__name__ == "LlamaForCausalLM" and not marker.exists()
+    # Only the folder's code could build it: refused.
+    del cfg["model_type"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"^--model: ") as e:
+        load_causal_lm(str(folder))
+    assert "\n" not in str(e.value) and not marker.exists(), str(e.value)
+    assert "trust-remote-code" in str(e.value) or "trust_remote_code" in str(e.value), str(e.value)
