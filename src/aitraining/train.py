@@ -375,8 +375,8 @@ def _report_skipped(folder: RunFolder, n_kept: int) -> None:
 
 
 def build_student(params: LLMTrainingParams, *, distilling: bool) -> Any:
-    model = models.load_causal_lm(params.model or "", dtype=torch.float32, trust_remote_code=params.trust_remote_code, allow_pickle=params.allow_pickle_weights,
-                                  token=params.token)
+    model = models.load_causal_lm(params.model or "", dtype=torch.float32, trust_remote_code=params.trust_remote_code,
+                                  allow_pickle=params.allow_pickle_weights, token=params.token)
     if distilling:
         _advise(params, model)
     if params.peft:
