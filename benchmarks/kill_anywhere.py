@@ -114,7 +114,9 @@ def phase_hit(project: Path) -> str:
         return "teacher generation and cache writing"
     if json.loads((project / "run.json").read_text()).get("status") == "finished" or (project / "model.safetensors").exists():
         return "finishing"
-    return "training" if complete_checkpoints(project) or (project / "metrics.jsonl").exists() else "teacher scoring"
+    if complete_checkpoints(project) or (project / "metrics.jsonl").exists():
+        return "training"
+    return "between the teacher and training"
 
 
 def check_after_kill(project: Path, before: list[str]) -> dict[str, bool]:
