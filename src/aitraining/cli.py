@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--chat-template", default=None, help="as for `aitraining llm`")
     ev.add_argument("--trust-remote-code", action="store_true", help="run model code from the repository")
     ev.add_argument("--allow-pickle-weights", action="store_true", help=PICKLE_HELP)
+    ev.add_argument("--skip-bad-rows", action="store_true", help="leave out rows that cannot be used instead of stopping")
     return parser
 
 
@@ -125,7 +126,8 @@ def _eval(ns: argparse.Namespace) -> int:
                                use_distillation=True, teacher_source="live", mixed_precision="no", holdout_share=0.0,
                                max_samples=ns.max_rows, distill_max_teacher_length=ns.max_new_tokens,
                                chat_template=ns.chat_template, trust_remote_code=ns.trust_remote_code,
-                               allow_pickle_weights=ns.allow_pickle_weights, project_name=os.path.dirname(os.path.abspath(output)))
+                               allow_pickle_weights=ns.allow_pickle_weights, skip_bad_rows=ns.skip_bad_rows,
+                               project_name=os.path.dirname(os.path.abspath(output)))
     resolve_model_source(ns.model, flag="--model")
     resolve_model_source(ns.teacher_model, flag="--teacher-model")
     if ns.baseline:

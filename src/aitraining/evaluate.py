@@ -21,6 +21,7 @@ student positions that have a teacher position predicting the same text, over th
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -35,6 +36,8 @@ from aitraining.losses import CrossTargets, DenseTargets, Targets, bucket_log_pr
 from aitraining.models import decoder, output_head
 from aitraining.objective import target_positions
 from aitraining.params import LLMTrainingParams
+
+log = logging.getLogger(__name__)
 
 
 def kl_and_top1(student_logits: Tensor, teacher: Targets) -> tuple[Tensor, Tensor, Tensor]:
@@ -124,7 +127,7 @@ class TeacherReference:
 
     def __init__(self, params: LLMTrainingParams, work_dir: str, *, batch_size: int = 8, show_progress: bool = False) -> None:
         from aitraining import models
-        from aitraining.data import load_examples, resolve_chat_template
+        from aitraining.data import read_examples, resolve_chat_template
         from aitraining.teacher import prepare_teacher
         from aitraining.train import student_items
 
@@ -132,7 +135,11 @@ class TeacherReference:
                                             "holdout_share": 0.0})
         tokenizer = models.load_tokenizer(params.model or "", trust_remote_code=params.trust_remote_code,
                                           token=params.token)
-        examples, _ = load_examples(params)
+        loaded = read_examples(params)
+        examples = loaded.train
+        if loaded.skipped:
+            log.warning("--skip-bad-rows: left out %d of %d rows; the first: %s", len(loaded.skipped),
+                        len(loaded.skipped) + len(examples), loaded.skipped[0])
         os.makedirs(work_dir, exist_ok=True)
         teacher_items, source = prepare_teacher(params, examples, tokenizer, work_dir, torch.device("cpu"),
                                                 show_progress=show_progress)
