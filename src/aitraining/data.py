@@ -330,14 +330,13 @@ def rows_to_examples(
     kind = _kind(rows[first], params) if first is not None else None
     if kind is None:
         raise UserError(
-            f"--data-path: {where} {places[0]} has columns {sorted(map(str, rows[0]))}, expected '{tc}' (--text-column), "
-            f"'{pc}'+'{rc}' (--prompt-text-column/--response-column) or 'messages'"
+            f"--data-path: {where} {places[0]} has columns {sorted(map(str, rows[0]))}, expected '{tc}' "
+            f"(--text-column), '{pc}'+'{rc}' (--prompt-text-column/--response-column) or 'messages'"
         )
     if kind == "pair" and rc not in rows[first] and not params.use_distillation:
         raise UserError(
             f"--data-path: {where} {places[first]} has a '{pc}' column but no '{rc}' column (--response-column); "
-            "fine-tuning needs"
-            " responses (or add --use-distillation to let the teacher write them)"
+            "fine-tuning needs responses (or add --use-distillation to let the teacher write them)"
         )
     examples: list[Example] = []
     for i, (row, place) in enumerate(zip(rows, places, strict=True), 1):
