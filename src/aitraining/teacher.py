@@ -539,17 +539,20 @@ def prepare_teacher(
         _cut_torn_line(outputs_path)
         outputs = _read_outputs(outputs_path)
         # One generation per distinct prompt: repeated rows share the answer (and its cache entry).
-        missing = list({gen_keys[i]: i for i, ex in reversed(list(enumerate(examples)))
-                        if ex.response is None and gen_keys[i] not in outputs}.values())
-        if missing:
-            torch.manual_seed(params.seed)
-            order = sorted(missing, key=lambda i: len(prompt_ids[i]))
-            bar = tqdm(total=len(missing), desc="teacher: writing responses", unit="prompt", disable=not show_progress)
+        wanted = list({gen_keys[i]: i for i, ex in reversed(list(enumerate(examples))) if ex.response is None}.values())
+        batches = _same_batches(wanted, lambda i: len(prompt_ids[i]), params.teacher_batch_size,
+                                lambda i: gen_keys[i] not in outputs)
+        if batches:
+            missing = sum(gen_keys[i] not in outputs for i in wanted)
+            bar = tqdm(total=missing, desc="teacher: writing responses", unit="prompt", disable=not show_progress)
             stop = teacher.stop_ids()
             with open(outputs_path, "a", encoding="utf-8") as f:
-                for batch in _batches(order, params.teacher_batch_size):
+                for b, batch in batches:
+                    torch.manual_seed(params.seed + b)  # a sampling teacher draws the same whatever ran before
                     results = teacher.generate([prompt_ids[i] for i in batch], record=cache is not None)
                     for i, (resp_ids, targets) in zip(batch, results, strict=True):
+                        if gen_keys[i] in outputs:
+                            continue  # written before a kill; its batch ran again only to stay the same batch
                         key = _target_key(prompt_ids[i], resp_ids[: params.distill_max_teacher_length])
                         if cache is not None and targets is not None and key not in cache:
                             cache.add(key, targets)
@@ -563,7 +566,7 @@ def prepare_teacher(
                         }
                         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                         f.flush()
-                    bar.update(len(batch))
+                        bar.update(1)
             bar.close()
     wait()
     outputs = _read_outputs(outputs_path)
@@ -600,13 +603,20 @@ def prepare_teacher(
         wait()
         return items, None
     if cache is not None and to_score:
-        order = sorted(to_score, key=lambda i: len(prompt_ids[i]) + len(items[i].response_ids))  # type: ignore[union-attr]
-        bar = tqdm(total=len(order), desc="teacher: scoring responses", unit="row", disable=not show_progress)
-        for batch in _batches(order, params.teacher_batch_size):
+        # The batches of every row the teacher scores (the given responses), cached or not, so that a rerun
+        # after a kill scores the rest in the batches an uninterrupted run would have used.
+        given = {items[i].target_key: i for i, ex in enumerate(examples)  # type: ignore[union-attr]
+                 if items[i] is not None and ex.response is not None}
+        rows = list({**given, **{items[i].target_key: i for i in to_score}}.values())  # type: ignore[union-attr]
+        batches = _same_batches(rows, lambda i: len(prompt_ids[i]) + len(items[i].response_ids),  # type: ignore[union-attr]
+                                params.teacher_batch_size, lambda i: items[i].target_key not in cache)  # type: ignore[union-attr]
+        bar = tqdm(total=len(to_score), desc="teacher: scoring responses", unit="row", disable=not show_progress)
+        for _, batch in batches:
             pairs = [(prompt_ids[i], items[i].response_ids) for i in batch]  # type: ignore[union-attr]
             for i, targets in zip(batch, teacher.score(pairs), strict=True):
-                cache.add(items[i].target_key, targets)  # type: ignore[union-attr]
-            bar.update(len(batch))
+                if items[i].target_key not in cache:  # type: ignore[union-attr]
+                    cache.add(items[i].target_key, targets)  # type: ignore[union-attr]
+                    bar.update(1)
         bar.close()
     teacher.free()
     wait()
@@ -619,6 +629,16 @@ def prepare_teacher(
         assert vocab is not None
         return items, CrossCachedTeacher(cache, vocab)
     return items, CachedTeacher(cache)
+
+
+def _same_batches(rows: list[int], length: Callable[[int], int], size: int, missing: Callable[[int], bool]
+                  ) -> list[tuple[int, list[int]]]:
+    """(index, rows) of the teacher's batches that hold a row still missing. The batches are cut from every row,
+    done or not, sorted by length: a rerun after a kill runs the same batches as an uninterrupted run, so the
+    same padding and the same float rounding give the same responses and targets, bit for bit (a batch that was
+    half written runs whole again; its rows already on disk are not written twice)."""
+    batches = list(_batches(sorted(rows, key=length), size))
+    return [(b, batch) for b, batch in enumerate(batches) if any(missing(i) for i in batch)]
 
 
 def _target_key(prompt_ids: list[int], response_ids: list[int]) -> str:

@@ -252,6 +252,53 @@ def test_interrupted_generation_keeps_what_was_written(tiny_student, tiny_teache
     assert counted["prompts"] == 0 and len(again.cache.entries) == len(cache.entries)
 
 
+@pytest.mark.parametrize("sample", [False, True])
+def test_a_generation_killed_mid_batch_resumes_in_the_same_batches(tiny_student, tiny_teacher, prompts_file, tmp_path,
+                                                                   monkeypatch, sample):
+    """Stopped after 4 of 8 answers (batch 2 of 3 prompts half written), the rerun runs batch 2 whole again and
+    writes only its missing rows: every answer and every cached target is bit for bit an uninterrupted run's,
+    greedy or sampled."""
+    import aitraining.teacher as teacher_mod
+
+    kw = {"teacher_batch_size": 3, "teacher_do_sample": sample}
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    from aitraining.data import load_examples
+
+    whole_params = params_for(tiny_student, tiny_teacher, prompts_file, tmp_path / "whole", **kw)
+    examples, _ = load_examples(whole_params)
+    (tmp_path / "whole").mkdir()
+    _, whole = prepare_teacher(whole_params, examples, tok, str(tmp_path / "whole"), torch.device("cpu"),
+                               show_progress=False)
+    params = params_for(tiny_student, tiny_teacher, prompts_file, tmp_path / "killed", **kw)
+    (tmp_path / "killed").mkdir()
+    real_key, calls = teacher_mod._target_key, {"n": 0}
+
+    def dies_at_the_fifth_row(*a):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_key(*a)
+
+    monkeypatch.setattr(teacher_mod, "_target_key", dies_at_the_fifth_row)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_teacher(params, examples, tok, str(tmp_path / "killed"), torch.device("cpu"), show_progress=False)
+    assert len((tmp_path / "killed" / "teacher_outputs.jsonl").read_text().splitlines()) == 4
+    monkeypatch.setattr(teacher_mod, "_target_key", real_key)
+    _, resumed = prepare_teacher(params, examples, tok, str(tmp_path / "killed"), torch.device("cpu"),
+                                 show_progress=False)
+
+    def answers(folder: str) -> dict[str, list[int]]:
+        lines = (tmp_path / folder / "teacher_outputs.jsonl").read_text().splitlines()
+        return {r["key"]: r["response_ids"] for r in map(json.loads, lines)}
+
+    assert answers("killed") == answers("whole") and len(answers("killed")) == len(examples)
+    assert resumed.cache.entries.keys() == whole.cache.entries.keys()
+    for key in whole.cache.entries:
+        a, b = resumed.cache.get(key), whole.cache.get(key)
+        for name in ("ids", "logp", "sample_logp", "counts", "tail_logp", "tail_lognorm"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (key, name)
+
+
 def sharpened(teacher: str, folder: Path, factor: float = 8.0) -> str:
     """A copy of a tiny random teacher whose logits are `factor` times larger: a random model's next-token
     distribution is nearly uniform, so its KL at T = 1 to any student is too small to show learning."""
