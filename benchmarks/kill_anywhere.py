@@ -3,7 +3,7 @@
     python benchmarks/kill_anywhere.py                        # 4 phases x 6 trials x 2 kills each (48 kills), tiny models
     python benchmarks/kill_anywhere.py --quick --out /tmp/k.json   # one kill in each phase (what the tests run)
 
-The run: `aitraining llm --train --use-distillation` on 24 real prompt-only rows (the teacher writes every response
+The run: `aitraining llm --train --use-distillation` on 24 real prompt-only rows (12 with --quick) (the teacher writes every response
 and the cache is filled as it writes), 3 epochs, a checkpoint at each epoch's end, float32, a fixed seed; tiny
 models (a 4-layer teacher and a 2-layer student with the bundled teacher's tokenizer) so that a kill costs seconds.
 First one uninterrupted run: the reference. Then each trial starts an empty project folder and kills the run with
@@ -45,7 +45,7 @@ from _setup import tiny_models  # noqa: E402
 
 PROMPTS = HERE / "data" / "self_instruct_seed_prompts.jsonl"
 PHASES = ("teacher", "training", "checkpoint", "anywhere")
-N_ROWS = 24
+ROWS, QUICK_ROWS = 24, 12
 
 
 def command(student: str, teacher: str, data: str, project: Path, *, resume: bool) -> list[str]:
@@ -75,10 +75,11 @@ def output_lines(project: Path) -> tuple[list[dict[str, Any]], bool]:
 # ------------------------------------------------------------------------------------------------ one kill
 
 
-def wait_and_kill(proc: subprocess.Popen, project: Path, phase: str, rng: random.Random, reference_s: float) -> bool:
+def wait_and_kill(proc: subprocess.Popen, project: Path, phase: str, rng: random.Random, reference_s: float,
+                  n_rows: int) -> bool:
     """Wait for the aimed-at moment and SIGKILL the run; False when it finished first."""
     started = time.time()
-    target_lines = rng.randrange(0, N_ROWS)
+    target_lines = rng.randrange(0, n_rows)
     known = {p.name for p in project.glob("checkpoint-*")}
     deadline: float | None = started + rng.uniform(0.5, reference_s) if phase == "anywhere" else None
     while proc.poll() is None:
@@ -103,14 +104,14 @@ def wait_and_kill(proc: subprocess.Popen, project: Path, phase: str, rng: random
     return True
 
 
-def phase_hit(project: Path) -> str:
+def phase_hit(project: Path, n_rows: int) -> str:
     """Which phase the kill interrupted, read from what the run left."""
     if not project.exists() or not (project / "run.json").exists():
         return "start-up"
     if any(project.glob("checkpoint-*.tmp")):
         return "checkpoint saving"
     lines, torn = output_lines(project)
-    if len(lines) < N_ROWS or torn:
+    if len(lines) < n_rows or torn:
         return "teacher generation and cache writing"
     if json.loads((project / "run.json").read_text()).get("status") == "finished" or (project / "model.safetensors").exists():
         return "finishing"
@@ -166,7 +167,7 @@ def weights_difference(a: Path, b: Path) -> float:
 # ------------------------------------------------------------------------------------------------ trials
 
 
-def trial(aims: list[str], rng: random.Random, models: tuple[str, str], data: str, project: Path,
+def trial(aims: list[str], rng: random.Random, models: tuple[str, str], data: str, n_rows: int, project: Path,
           reference: Path, reference_s: float) -> dict[str, Any]:
     """One project folder from empty to finished, killed once per aim (in order), rerun after each kill."""
     teacher, student = models
@@ -181,8 +182,8 @@ def trial(aims: list[str], rng: random.Random, models: tuple[str, str], data: st
         runs += 1
         while len(done) + missed < len(aims):
             phase = aims[len(done) + missed]
-            if wait_and_kill(proc, project, phase, rng, reference_s):
-                done.append({"aimed_at": phase, "hit": phase_hit(project), **check_after_kill(project, before)})
+            if wait_and_kill(proc, project, phase, rng, reference_s, n_rows):
+                done.append({"aimed_at": phase, "hit": phase_hit(project, n_rows), **check_after_kill(project, before)})
                 break
             missed += 1  # the run finished (or passed that phase) first
         if proc.returncode is not None and proc.returncode < 0:
@@ -214,7 +215,8 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     models = tiny_models(work)
-    prompts = [json.loads(x)["text"] for x in PROMPTS.read_text(encoding="utf-8").splitlines() if x.strip()][:N_ROWS]
+    n_rows = QUICK_ROWS if args.quick else ROWS
+    prompts = [json.loads(x)["text"] for x in PROMPTS.read_text(encoding="utf-8").splitlines() if x.strip()][:n_rows]
     data = work / "prompts.jsonl"
     data.write_text("".join(json.dumps({"text": p}, ensure_ascii=False) + "\n" for p in prompts), encoding="utf-8")
     reference = work / "reference"
@@ -228,7 +230,7 @@ def main() -> None:
     plans = [["teacher", "training", "checkpoint"]] if args.quick else [
         [rng.choice(PHASES) for _ in range(args.kills)] for _ in range(args.trials)]
     for t, aims in enumerate(plans, 1):
-        got = trial(aims, rng, models, str(data), work / "killed", reference, reference_s)
+        got = trial(aims, rng, models, str(data), n_rows, work / "killed", reference, reference_s)
         trials.append(got)
         hits = ", ".join(k["hit"] for k in got["kills"]) or "none"
         print(f"  trial {t}: aimed at {', '.join(aims)}; killed in: {hits}; finished {got['finished']}; outputs as "
@@ -251,7 +253,7 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
     out = write_json(args.out, {"benchmark": "kill_anywhere", "date": utc_now_iso(), "machine": describe_machine(),
                                 "settings": {"trials": len(plans), "kills_per_trial": len(plans[0]), "quick": args.quick,
-                                             "seed": args.seed, "rows": N_ROWS, "reference_s": round(reference_s, 2)},
+                                             "seed": args.seed, "rows": n_rows, "reference_s": round(reference_s, 2)},
                                 "summary": summary, "trials": trials})
     print(f"wrote {out}")
     if not (summary["every_trial_finished"] and all(summary["held_after_every_kill"].values())
