@@ -6,7 +6,6 @@ Kept apart from _measure.py, which must not import torch; everything here import
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 CACHE = Path(os.environ.get("AITRAINING_BENCH_CACHE", Path.home() / ".cache" / "aitraining-bench"))
@@ -15,7 +14,7 @@ CACHE = Path(os.environ.get("AITRAINING_BENCH_CACHE", Path.home() / ".cache" / "
 def bundled_teacher_folder() -> str:
     """The bundled GGUF teacher (SmolLM2-135M-Instruct) as a plain float32 model folder, dequantized once and
     cached: loading safetensors takes a second where dequantizing the GGUF takes about fifteen."""
-    from aitraining.models import bundled_teacher_path, load_causal_lm, load_tokenizer
+    from aitraining.models import bundled_teacher_path, save_model_folder
 
     gguf = bundled_teacher_path()
     if gguf is None:
@@ -24,11 +23,7 @@ def bundled_teacher_folder() -> str:
     folder = CACHE / f"smol-teacher-{stat.st_size}-{int(stat.st_mtime)}"
     if not (folder / "config.json").exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=CACHE))
-        load_causal_lm(gguf).save_pretrained(tmp)
-        load_tokenizer(gguf).save_pretrained(tmp)
-        tmp.chmod(0o755)
-        tmp.rename(folder)
+        save_model_folder(gguf, str(folder))
     return str(folder)
 
 

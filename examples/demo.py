@@ -41,23 +41,9 @@ def split_prompts() -> str:
     return data
 
 
-def teacher_folder(gguf: str, folder: str) -> None:
-    """The GGUF teacher dequantized once into a safetensors folder (written aside, then renamed into place)."""
-    import shutil
-
-    from aitraining.models import load_causal_lm, load_tokenizer
-
-    aside = folder + ".tmp"
-    shutil.rmtree(aside, ignore_errors=True)
-    load_causal_lm(gguf).save_pretrained(aside)
-    load_tokenizer(gguf).save_pretrained(aside)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(aside, folder)
-
-
 def main() -> int:
     from aitraining.errors import UserError
-    from aitraining.models import bundled_teacher_path, prune_to_folder
+    from aitraining.models import bundled_teacher_path, prune_to_folder, save_model_folder
     from autotrain.project import AutoTrainProject
     from autotrain.trainers.clm.params import LLMTrainingParams
 
@@ -70,7 +56,7 @@ def main() -> int:
     student = os.path.join(OUT, "student-8-layers")
     if not os.path.exists(os.path.join(teacher, "config.json")):
         print(f"[1/2] {os.path.basename(gguf)} as a float32 model folder (dequantized once)")
-        teacher_folder(gguf, teacher)
+        save_model_folder(gguf, teacher)
     if not os.path.exists(os.path.join(student, "config.json")):
         print("[1/2] cutting an 8-layer student from it")
         prune_to_folder(teacher, 8, student, overwrite=True)

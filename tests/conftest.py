@@ -163,11 +163,6 @@ def smol_teacher_dir(bundled_gguf: str) -> str:
     It lives in the cross-session cache (about 540 MB) rather than a temp folder, since building it means
     dequantizing the gguf (~20 s).
     """
-    from aitraining.models import load_causal_lm, load_tokenizer
+    from aitraining.models import save_model_folder
 
-    def build(folder: Path) -> None:
-        model = load_causal_lm(bundled_gguf)
-        model.save_pretrained(str(folder))
-        load_tokenizer(bundled_gguf).save_pretrained(str(folder))
-
-    return str(_cached_build("smol-teacher", bundled_gguf, build))
+    return str(_cached_build("smol-teacher", bundled_gguf, lambda folder: save_model_folder(bundled_gguf, str(folder))))

@@ -470,6 +470,22 @@ def _output_folder(output: str, overwrite: bool) -> Path:
     return out
 
 
+def save_model_folder(name: str, folder: str) -> str:
+    """A model (folder, .gguf file or hub id) saved with its tokenizer as a plain safetensors folder, written
+    aside and renamed into place (an interrupted save leaves nothing half-written). For a GGUF file this is the
+    dequantizing done once: transformers dequantizes it again at every load (about 15 s for the bundled teacher),
+    where the folder loads in a second."""
+    import shutil
+
+    aside = folder.rstrip(os.sep) + ".tmp"
+    shutil.rmtree(aside, ignore_errors=True)
+    load_causal_lm(name).save_pretrained(aside)
+    load_tokenizer(name).save_pretrained(aside)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(aside, folder)
+    return folder
+
+
 def prune_to_folder(
     model_name: str,
     num_layers: int,

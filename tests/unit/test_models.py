@@ -575,3 +575,19 @@ def test_model_code_in_a_folder_never_runs_without_trust_remote_code(tiny_model_
         load_causal_lm(str(folder))
     assert "\n" not in str(e.value) and not marker.exists(), str(e.value)
     assert "trust-remote-code" in str(e.value) or "trust_remote_code" in str(e.value), str(e.value)
+
+
+def test_save_model_folder_writes_aside_and_replaces(tiny_model_factory: Callable[..., str], tmp_path: Path) -> None:
+    """The model and its tokenizer as a safetensors folder, renamed into place: whatever was there is replaced,
+    nothing is left beside it."""
+    from aitraining.models import save_model_folder
+
+    source = Path(tiny_model_factory(n_layers=1, seed=14, path=tmp_path / "source"))
+    out = tmp_path / "copy"
+    out.mkdir()
+    (out / "stale.bin").write_bytes(b"old")
+    assert save_model_folder(str(source), str(out)) == str(out)
+    assert not (out / "stale.bin").exists() and not (tmp_path / "copy.tmp").exists()
+    want, got = _weights(source), _weights(out)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert load_tokenizer(str(out))("hi")["input_ids"] == load_tokenizer(str(source))("hi")["input_ids"]
