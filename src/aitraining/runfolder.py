@@ -10,11 +10,13 @@ checkpoints), so a reader sees the previous complete version or the new one, nev
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 from aitraining.errors import UserError
@@ -39,11 +41,14 @@ def _read_json(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # no space, over quota, file size limit
+
+
 def _disk_full(error: BaseException, path: str) -> OSError | None:
     """A write that failed because the disk is full, as an OSError(ENOSPC), whatever raised it: torch.save reports
     one as a RuntimeError ("iostream error"). Judged by the error itself, or by the disk having under 1 MiB left
     when the write failed."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if isinstance(error, OSError) and error.errno in DISK_FULL:
         return error
     if not isinstance(error, (OSError, RuntimeError)):
         return None
@@ -52,6 +57,20 @@ def _disk_full(error: BaseException, path: str) -> OSError | None:
     except OSError:
         return None
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) if free < 2**20 else None
+
+
+@contextlib.contextmanager
+def _written_aside(aside: str) -> Iterator[None]:
+    """Around the writing of a folder that is renamed into place afterwards: if the writing fails (a full disk, an
+    interrupt), the half-written folder goes, so what was in place stays; a full disk is raised as one."""
+    try:
+        yield
+    except BaseException as e:
+        full = _disk_full(e, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        if full is not None:
+            raise full from e
+        raise
 
 
 def checkpoint_time(folder: str) -> float:
@@ -233,17 +252,11 @@ class RunFolder:
         if self.is_main:
             shutil.rmtree(aside, ignore_errors=True)
         accelerator.wait_for_everyone()
-        try:
+        with _written_aside(aside):
             accelerator.save_state(aside, safe_serialization=True)
             if self.is_main:
                 with open(os.path.join(aside, STATE_FILE), "w", encoding="utf-8") as f:
                     json.dump({"global_step": step, "epoch": epoch, "identity": identity(self.params)}, f, indent=2)
-        except BaseException as e:  # a full disk, an interrupt: the half-written state goes, the last checkpoint stays
-            full = _disk_full(e, aside)
-            shutil.rmtree(aside, ignore_errors=True)
-            if full is not None:
-                raise full from e
-            raise
         if self.is_main:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(aside, final)
@@ -272,14 +285,8 @@ class RunFolder:
         torn weights file where a user would load one."""
         aside = self.file(".saving.tmp")
         shutil.rmtree(aside, ignore_errors=True)
-        try:
+        with _written_aside(aside):
             model.save_pretrained(aside, safe_serialization=True)
-        except BaseException as e:
-            full = _disk_full(e, aside)
-            shutil.rmtree(aside, ignore_errors=True)
-            if full is not None:
-                raise full from e
-            raise
         os.makedirs(folder, exist_ok=True)
         for name in os.listdir(aside):
             os.replace(os.path.join(aside, name), os.path.join(folder, name))

@@ -19,7 +19,6 @@ gradients). So 1 x 8, 4 x 2 and 2 processes x 4 all give the gradient of one big
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
@@ -40,10 +39,9 @@ from aitraining.losses import Targets
 from aitraining.models import causal_lm
 from aitraining.objective import Objective
 from aitraining.params import LLMTrainingParams
-from aitraining.runfolder import RunFolder
+from aitraining.runfolder import DISK_FULL, RunFolder
 
 SKIPPED_FILE = "skipped_rows.jsonl"
-DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # no space, over quota, file size limit
 
 log = logging.getLogger(__name__)
 
