@@ -114,9 +114,8 @@ Training cannot use an infinite loss, though (a run stops on a loss that is not 
 masks part of its vocabulary (-inf logits) makes reverse KL infinite wherever the student puts any mass there.
 So the training loss (`teacher_divergence`) floors the teacher's log-probabilities at TEACHER_LOG_FLOOR for
 reverse KL only: a token the teacher rules out costs the student 100 nats per unit of its mass there, a large,
-finite push away from it. The floor is below every probability float32 holds (its smallest is e^-103.3 as a
-subnormal, e^-87.3 as a normal number), so no teacher probability the float32 softmax can express is changed;
-the other divergences are finite at teacher zeros and are left exact. `divergence` itself stays exact.
+finite push away from it. The floor is below every normal float32 probability (the smallest is e^-87.3), so
+only probabilities the float32 softmax holds as zero or subnormal are raised to e^-100; the other divergences are finite at teacher zeros and are left exact. `divergence` itself stays exact.
 """
 
 from __future__ import annotations
@@ -431,7 +430,7 @@ def teacher_targets_from_logits(
     if samples < 0:
         raise ValueError(f"samples must be >= 0, got {samples}")
     _check_temperature(tau)
-    broken = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+    broken = ~torch.isfinite(logits.amax(-1))  # a row's max is NaN, +inf or (all masked) -inf: one pass
     if broken.any():  # a bfloat16 overflow, or broken weights: nothing here is a distribution
         raise NonFiniteTeacher(f"teacher logits are not finite at {int(broken.sum())} of {len(broken)} positions "
                                "(+inf or NaN, or nothing but -inf)")

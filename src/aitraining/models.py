@@ -201,12 +201,12 @@ def _has_safetensors(folder: str) -> bool:
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-def refuse_pickled_weights(name: str, *, allowed: bool, flag: str = "--model") -> None:
+def refuse_pickled_weights(name: str, *, allowed: bool, flag: str = "--model", source: ModelSource | None = None) -> None:
     """Pickled weights (`pytorch_model.bin`, `.pt`) can run code while they load: a local folder that holds only
     those is refused unless the user allowed them (--allow-pickle-weights). Safetensors and GGUF hold data only."""
     if allowed:
         return
-    source = resolve_model_source(name, flag=flag)
+    source = source or resolve_model_source(name, flag=flag)
     if source.gguf_file is not None or not source.is_local or _has_safetensors(source.folder):
         return
     pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in Path(source.folder).glob(pattern))
@@ -239,7 +239,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(name, flag=flag)
-    refuse_pickled_weights(name, allowed=allow_pickle, flag=flag)
+    refuse_pickled_weights(name, allowed=allow_pickle, flag=flag, source=source)
     kwargs: dict[str, object] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "token": token}
     if source.gguf_file is not None:
         kwargs["gguf_file"] = source.gguf_file

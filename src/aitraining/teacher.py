@@ -213,9 +213,10 @@ def targets_of(logits: torch.Tensor, params: LLMTrainingParams, offsets: torch.T
             offsets=offsets,
         )
     except NonFiniteTeacher as e:
-        advice = ("its weights hold values that are not finite, or overflow even in float32" if logits.dtype == torch.float32
+        dtype = str(logits.dtype).removeprefix("torch.")
+        advice = ("its weights hold values that are not finite, or overflow even in float32" if dtype == "float32"
                   else "a 16-bit teacher can overflow: run it in float32 with --mixed-precision no")
-        raise UserError(f"--teacher-model: {e}, computed in {str(logits.dtype).removeprefix('torch.')}; {advice}") from None
+        raise UserError(f"--teacher-model: {e}, computed in {dtype}; {advice}") from None
 
 
 def teacher_dtype(device: torch.device, mixed_precision: str | None = None) -> torch.dtype:
