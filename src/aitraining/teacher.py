@@ -604,19 +604,18 @@ def prepare_teacher(
         wait()
         return items, None
     if cache is not None and to_score:
-        # The batches of every row the teacher scores (the given responses), cached or not, so that a rerun
-        # after a kill scores the rest in the batches an uninterrupted run would have used.
-        given = {items[i].target_key: i for i, ex in enumerate(examples)  # type: ignore[union-attr]
-                 if items[i] is not None and ex.response is not None}
-        rows = list({**given, **{items[i].target_key: i for i in to_score}}.values())  # type: ignore[union-attr]
-        batches = _same_batches(rows, lambda i: len(prompt_ids[i]) + len(items[i].response_ids),  # type: ignore[union-attr]
-                                params.teacher_batch_size, lambda i: items[i].target_key not in cache)  # type: ignore[union-attr]
+        # Batches cut from every row the teacher scores (the given responses), cached or not (`_same_batches`).
+        pending = set(to_score)
+        scoring = dict({it.target_key: (i, it) for i, (ex, it) in enumerate(zip(examples, items, strict=True))
+                        if it is not None and (ex.response is not None or i in pending)}.values())  # row -> item
+        batches = _same_batches(list(scoring), lambda i: len(prompt_ids[i]) + len(scoring[i].response_ids),
+                                params.teacher_batch_size, lambda i: scoring[i].target_key not in cache)
         bar = tqdm(total=len(to_score), desc="teacher: scoring responses", unit="row", disable=not show_progress)
         for _, batch in batches:
-            pairs = [(prompt_ids[i], items[i].response_ids) for i in batch]  # type: ignore[union-attr]
+            pairs = [(prompt_ids[i], scoring[i].response_ids) for i in batch]
             for i, targets in zip(batch, teacher.score(pairs), strict=True):
-                if items[i].target_key not in cache:  # type: ignore[union-attr]
-                    cache.add(items[i].target_key, targets)  # type: ignore[union-attr]
+                if scoring[i].target_key not in cache:
+                    cache.add(scoring[i].target_key, targets)
                     bar.update(1)
         bar.close()
     teacher.free()
