@@ -87,7 +87,6 @@ class RunFolder:
         self.params = params
         self.path = os.path.abspath(params.project_name)
         self.is_main = is_main
-        self.skipped_rows: list[Any] = []  # data.SkippedRow: rows --skip-bad-rows left out
 
     @property
     def name(self) -> str:

@@ -211,7 +211,6 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
                         f"(fewer than {data_mod.MIN_ROWS_TO_HOLD_OUT} are never split, and --holdout-share "
                         f"{params.holdout_share:g} holds none); pass --valid-split or more rows")
     folder = RunFolder(params)
-    folder.skipped_rows = loaded.skipped
     folder.check()
     accelerator = _accelerator(params, folder.path)
     folder.is_main = accelerator.is_main_process
@@ -222,7 +221,7 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     set_seed(params.seed)
     run_started = time.time()
     try:
-        data = prepare_data(params, train_examples, valid_examples, folder, accelerator, show_progress=show_progress)
+        data = prepare_data(params, loaded, folder, accelerator, show_progress=show_progress)
         model = build_student(params, distilling=data.source is not None)
         fitted = fit(model, data, params, folder, accelerator, show_progress=show_progress)
         finish(fitted, data, params, folder, accelerator, run_started)
@@ -277,11 +276,11 @@ class Prepared:
 
 
 def prepare_data(
-    params: LLMTrainingParams, train_examples: list[data_mod.Example], valid_examples: list[data_mod.Example],
-    folder: RunFolder, accelerator: Any, *, show_progress: bool,
+    params: LLMTrainingParams, loaded: data_mod.Loaded, folder: RunFolder, accelerator: Any, *, show_progress: bool,
 ) -> Prepared:
     """The rows as the student's token sequences; with distillation the teacher answers missing responses and
     its targets are cached, once (teacher.prepare_teacher)."""
+    train_examples, valid_examples = loaded.train, loaded.valid
     tokenizer = models.load_tokenizer(params.model or "", trust_remote_code=params.trust_remote_code, token=params.token)
     chat_template = data_mod.resolve_chat_template(tokenizer, params.chat_template)
     out = Prepared(tokenizer, [], [])
@@ -300,7 +299,7 @@ def prepare_data(
             from aitraining.align import ResponseAligner
 
             aligner = ResponseAligner(tokenizer, teacher_tokenizer, text_only=not path.needs_targets)
-        _open_folder(folder, accelerator, train_examples, valid_examples)
+        _open_folder(folder, accelerator, loaded)
         log.info("distillation: %s", path.describe())
         all_examples = train_examples + valid_examples
         started = time.time()
@@ -338,17 +337,18 @@ def prepare_data(
         log.warning("%d of %d training rows dropped: the prompt leaves no room in --block-size %d",
                     dropped, len(train_examples), params.block_size)
     if not params.use_distillation:
-        _open_folder(folder, accelerator, train_examples, valid_examples)
+        _open_folder(folder, accelerator, loaded)
     return out
 
 
-def _open_folder(folder: RunFolder, accelerator: Any, train: list[Any], valid: list[Any]) -> None:
+def _open_folder(folder: RunFolder, accelerator: Any, loaded: data_mod.Loaded) -> None:
     folder.open()
     accelerator.wait_for_everyone()
     log.info("project folder: %s", folder.path)
     params = folder.params
-    if folder.skipped_rows:
-        _report_skipped(folder, len(train) + len(valid))
+    train, valid = loaded.train, loaded.valid
+    if loaded.skipped:
+        _report_skipped(folder, loaded.skipped, len(train) + len(valid))
     if valid and not params.valid_split:
         log.info("held out for evaluation: %d of %d rows (%g%%, drawn with --seed %d); --valid-split names your "
                  "own, --holdout-share 0 trains on every row", len(valid), len(train) + len(valid),
@@ -358,9 +358,8 @@ def _open_folder(folder: RunFolder, accelerator: Any, train: list[Any], valid: l
                  len(train), data_mod.MIN_ROWS_TO_HOLD_OUT)
 
 
-def _report_skipped(folder: RunFolder, n_kept: int) -> None:
+def _report_skipped(folder: RunFolder, skipped: list[data_mod.SkippedRow], n_kept: int) -> None:
     """--skip-bad-rows: how many rows were left out and why, on the console and in skipped_rows.jsonl."""
-    skipped = folder.skipped_rows
     lines = [json.dumps({"file": s.file, "place": s.place, "reason": s.reason}, ensure_ascii=False) for s in skipped]
     folder.write_text(SKIPPED_FILE, "\n".join(lines) + "\n")
     reasons = Counter(s.reason.split(" (")[0] for s in skipped)
