@@ -471,6 +471,15 @@ def read_examples(params: LLMTrainingParams) -> Loaded:
     return Loaded(train, valid, skipped)
 
 
+def skipped_summary(skipped: Sequence[SkippedRow], n_kept: int) -> str:
+    """What --skip-bad-rows left out, for the console: how many, the commonest reasons, the first."""
+    from collections import Counter
+
+    reasons = Counter(s.reason.split(" (")[0] for s in skipped)
+    return (f"--skip-bad-rows: left out {len(skipped)} of {len(skipped) + n_kept} rows "
+            f"({', '.join(f'{n} {why}' for why, n in reasons.most_common(3))}); the first: {skipped[0]}")
+
+
 def _nothing_left(where: str, skipped: list[SkippedRow]) -> None:
     if not skipped:
         raise UserError(f"--data-path: {where} holds no rows; add at least one example")

@@ -127,7 +127,7 @@ class TeacherReference:
 
     def __init__(self, params: LLMTrainingParams, work_dir: str, *, batch_size: int = 8, show_progress: bool = False) -> None:
         from aitraining import models
-        from aitraining.data import read_examples, resolve_chat_template
+        from aitraining.data import read_examples, resolve_chat_template, skipped_summary
         from aitraining.teacher import prepare_teacher
         from aitraining.train import student_items
 
@@ -138,8 +138,7 @@ class TeacherReference:
         loaded = read_examples(params)
         examples = loaded.train
         if loaded.skipped:
-            log.warning("--skip-bad-rows: left out %d of %d rows; the first: %s", len(loaded.skipped),
-                        len(loaded.skipped) + len(examples), loaded.skipped[0])
+            log.warning("%s", skipped_summary(loaded.skipped, len(examples)))
         os.makedirs(work_dir, exist_ok=True)
         teacher_items, source = prepare_teacher(params, examples, tokenizer, work_dir, torch.device("cpu"),
                                                 show_progress=show_progress)

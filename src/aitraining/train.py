@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -362,10 +361,7 @@ def _report_skipped(folder: RunFolder, skipped: list[data_mod.SkippedRow], n_kep
     """--skip-bad-rows: how many rows were left out and why, on the console and in skipped_rows.jsonl."""
     lines = [json.dumps({"file": s.file, "place": s.place, "reason": s.reason}, ensure_ascii=False) for s in skipped]
     folder.write_text(SKIPPED_FILE, "\n".join(lines) + "\n")
-    reasons = Counter(s.reason.split(" (")[0] for s in skipped)
-    log.warning("--skip-bad-rows: left out %d of %d rows (%s); the first: %s; every one in %s", len(skipped),
-                len(skipped) + n_kept, ", ".join(f"{n} {why}" for why, n in reasons.most_common(3)), skipped[0],
-                folder.file(SKIPPED_FILE))
+    log.warning("%s; every one in %s", data_mod.skipped_summary(skipped, n_kept), folder.file(SKIPPED_FILE))
 
 
 # -------------------------------------------------------------------------------- stage 2: the student
