@@ -148,6 +148,19 @@ def test_eval_command_judges_a_model_and_reuses_the_teachers_answers(tiny_studen
     assert json.loads(out.read_text())["models"]["model"]["kl_to_teacher"] == pytest.approx(model["kl_to_teacher"])
 
 
+def test_eval_command_names_a_bad_row_or_leaves_it_out(tiny_student, tiny_teacher, tmp_path, capsys, caplog):
+    data = tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows(2)) + '{"text": 7}\n', encoding="utf-8")
+    args = ["eval", "--model", tiny_student, "--teacher-model", tiny_teacher, "--data-path", str(data),
+            "--max-new-tokens", "4", "--output", str(tmp_path / "eval.json")]
+    assert main(args) == 2
+    assert "line 3 column 'text' must be a string, got int" in capsys.readouterr().err
+    caplog.set_level("WARNING", logger="aitraining")
+    assert main([*args, "--skip-bad-rows"]) == 0
+    assert "--skip-bad-rows: left out 1 of 3 rows (1 column 'text' must be a string, got int)" in caplog.text
+    assert json.loads((tmp_path / "eval.json").read_text())["held_out_rows"] == 2
+
+
 def test_eval_command_across_tokenizers_judges_on_text(real_tokenizers, tiny_teacher, tmp_path):
     student = other_tokenizer_student(real_tokenizers["llama-spm"], tmp_path / "spm-student")
     data = write_jsonl(tmp_path / "held.jsonl", rows(2))
