@@ -14,7 +14,7 @@ _KEY_PARAMS = (
 )
 _DISTILL_PARAMS = (
     "distill_temperature", "distill_alpha", "distill_loss", "distill_beta", "distill_top_k",
-    "distill_tail_samples", "distill_mode", "teacher_source", "distill_max_teacher_length", "teacher_prompt_template", "teacher_do_sample",
+    "distill_tail_samples", "distill_mode", "teacher_source", "distill_on_policy", "distill_max_teacher_length", "teacher_prompt_template", "teacher_do_sample",
 )
 
 
@@ -78,6 +78,13 @@ def add_comparison(project: str, table: list[str], verdict: str, pictures: list[
 
 
 def _signal(params: LLMTrainingParams) -> str:
+    if params.distill_on_policy > 0:
+        return (f"{_offline_signal(params)[:-1]}; on {params.distill_on_policy:.0%} of the steps on the student's own "
+                "sampled answers instead, scored by the teacher's exact distribution (on-policy).")
+    return _offline_signal(params)
+
+
+def _offline_signal(params: LLMTrainingParams) -> str:
     if params.teacher_source == "live":
         return "against the teacher's exact full-vocabulary distribution, computed live at every step."
     tail = (f" plus {params.distill_tail_samples} tokens sampled from the rest of its tempered distribution"

@@ -52,8 +52,13 @@ class Objective(nn.Module):
         n_prompt: Tensor,
         teacher: Targets | None = None,
         weight: float = 1.0,
+        labels_are_own: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Returns (loss_sum * weight, kd_sum, ce_sum, n_tokens) over the batch's trained positions."""
+        """Returns (loss_sum * weight, kd_sum, ce_sum, n_tokens) over the batch's trained positions.
+
+        `labels_are_own`: the response tokens are the student's own samples (onpolicy.py): they are no labels,
+        so only the distillation term is trained, with its weight alpha; ce_sum is then their likelihood under
+        the student, not a label loss."""
         hidden = decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         sel = target_positions(attention_mask, n_prompt)
         labels = input_ids[:, 1:][sel[:, :-1]]
@@ -67,8 +72,10 @@ class Objective(nn.Module):
             teacher if self.alpha > 0 else None,
             chunk_size=self.chunk_size or auto_chunk_size(causal_lm(self.model).get_output_embeddings().weight.shape[0]),
             temperature=self.temperature,
-            alpha=self.alpha,
+            alpha=1.0 if labels_are_own else self.alpha,
             kind=self.kind,
             beta=self.beta,
         )
+        if labels_are_own:
+            loss = loss * self.alpha
         return loss * weight, kd, ce, sel.sum()

@@ -156,6 +156,12 @@ class LLMTrainingParams(BaseModel):
         "cache: the teacher runs once and its targets are stored; live: it stays loaded and gives its exact "
         "full distribution at every step (slower, more memory)",
     )
+    distill_on_policy: float = _f(
+        0.0, "Distillation",
+        "Share of the steps on which the student writes its own answers and the teacher, kept loaded, scores them "
+        "(on-policy distillation; 0: off, 0.5: every other step on average; slower, more memory)",
+        ge=0.0, le=1.0, allow_inf_nan=False,
+    )
     distill_mode: Literal["logits", "sequence"] = _f(
         "logits", "Distillation",
         "logits: learn the teacher's distribution at every answer token (across tokenizers too: on the tokens "
@@ -198,6 +204,15 @@ class LLMTrainingParams(BaseModel):
         if self.compare_baseline and self.distill_mode == "sequence":
             raise UserError("--compare-baseline: with --distill-mode sequence the student learns the teacher's text only, "
                             "which is what the baseline does; use --distill-mode logits")
+        if self.distill_on_policy > 0 and not self.use_distillation:
+            raise UserError("--distill-on-policy needs a teacher to score the student's answers; add --use-distillation "
+                            "and --teacher-model")
+        if self.distill_on_policy > 0 and self.distill_mode == "sequence":
+            raise UserError("--distill-on-policy: with --distill-mode sequence there are no teacher logits to score the "
+                            "student's own answers with; use --distill-mode logits")
+        if self.distill_on_policy > 0 and self.distill_alpha == 0:
+            raise UserError("--distill-on-policy trains the distillation term on the student's own answers, and "
+                            "--distill-alpha 0 gives it no weight; raise --distill-alpha or drop --distill-on-policy")
         if not self.target_modules.strip():
             raise UserError("--target-modules must not be empty: use all-linear or a comma list such as q_proj,v_proj")
         if self.teacher_model and not self.use_distillation:

@@ -268,6 +268,7 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
     valid_examples: list[data_mod.Example] = field(default_factory=list)
     judge_source: Any = None  # a teacher that held-out evaluation reads where training has none (the baseline)
+    on_policy: Any = None  # onpolicy.OnPolicy with --distill-on-policy
 
     @property
     def pad_id(self) -> int:
@@ -308,6 +309,8 @@ def prepare_data(
             path=path, vocab=aligner.vocab if aligner is not None and path.needs_targets else None,
         )
         out.timings["teacher_s"] = round(time.time() - started, 2)
+        if params.distill_on_policy > 0:
+            out.on_policy = _on_policy(params, path, out.source, tokenizer, teacher_tokenizer, accelerator.device)
         items = student_items(all_examples, teacher_items, tokenizer, params, chat_template, aligner)
         if path.mode == "cross-vocabulary":
             rows = [r for it in items if it is not None and it.teacher_rows for r in it.teacher_rows]
@@ -338,6 +341,22 @@ def prepare_data(
     if not params.use_distillation:
         _open_folder(folder, accelerator, loaded)
     return out
+
+
+def _on_policy(params: LLMTrainingParams, path: Any, source: Any, tokenizer: Any, teacher_tokenizer: Any,
+               device: torch.device) -> Any:
+    from aitraining.onpolicy import OnPolicy
+    from aitraining.teacher import LiveTeacher, Teacher
+
+    if path.mode != "same-vocabulary":
+        raise UserError(f"--distill-on-policy: the teacher scores the student's own tokens, which needs the student's "
+                        f"tokenizer, and this run takes the {path.mode} path ({path.reason}); drop --distill-on-policy")
+    # A live source's teacher is already loaded; otherwise it loads on the first on-policy step.
+    teacher = source.teacher if isinstance(source, LiveTeacher) else Teacher(params, device, teacher_tokenizer)
+    log.info("on-policy: on %.0f%% of the steps the student writes its own answers (up to %d tokens, sampled at T = 1) "
+             "and the teacher scores them", 100 * params.distill_on_policy, params.distill_max_teacher_length)
+    return OnPolicy(teacher, tokenizer, share=params.distill_on_policy, seed=params.seed,
+                    max_new_tokens=params.distill_max_teacher_length, block_size=params.block_size)
 
 
 def _open_folder(folder: RunFolder, accelerator: Any, loaded: data_mod.Loaded) -> None:
@@ -394,7 +413,7 @@ def fit(model: Any, data: Prepared, params: LLMTrainingParams, folder: RunFolder
     --logging-steps, held-out evaluation every --eval-steps and at each epoch's end, a checkpoint per epoch;
     Ctrl-C saves a checkpoint to resume from; a loss that is not finite stops the run before it reaches the
     weights."""
-    source, train_items = data.source, data.train_items
+    source, train_items, on_policy = data.source, data.train_items, data.on_policy
     objective = Objective(model, temperature=params.distill_temperature,
                           alpha=params.distill_alpha if source is not None else 0.0, kind=params.distill_loss,
                           beta=params.distill_beta, chunk_size=params.loss_chunk_size)
@@ -438,25 +457,31 @@ def fit(model: Any, data: Prepared, params: LLMTrainingParams, folder: RunFolder
             for w_index, window in enumerate(windows(micro, params.gradient_accumulation)):
                 if epoch * steps_per_epoch + w_index < global_step:
                     continue  # already done before the checkpoint we resumed from
-                count = torch.tensor(float(sum(
-                    sum(len(train_items[i].input_ids) - max(train_items[i].n_prompt, 1) for i in mb) for mb in window
-                )), device=accelerator.device)
+                batches = [[train_items[i] for i in mb] for mb in window]
+                own = on_policy is not None and on_policy.chosen(global_step)
+                if own:  # the student's own answers replace the data's (onpolicy.py)
+                    batches = [on_policy.answer(student, rows, step=global_step, micro=m) if rows else rows
+                               for m, rows in enumerate(batches)]
+                    window_stats.on_policy_steps += 1
+                count = torch.tensor(float(sum(len(it.input_ids) - max(it.n_prompt, 1) for rows in batches for it in rows)),
+                                     device=accelerator.device)
                 global_count = accelerator.reduce(count, reduction="sum").item()
-                for m_index, mb in enumerate(window):
+                for m_index, rows in enumerate(batches):
                     weight = 1.0
-                    if not mb:  # this rank ran out of rows: still join the collective backward, with weight 0
-                        mb, weight = [0], 0.0
-                    rows = [train_items[i] for i in mb]
+                    if not rows:  # this rank ran out of rows: still join the collective backward, with weight 0
+                        rows, weight = [train_items[0]], 0.0
                     tensors = {k: v.to(accelerator.device) for k, v in collate(rows, data.pad_id).items()}
                     sync = m_index == len(window) - 1
                     ctx = contextlib.nullcontext() if sync else accelerator.no_sync(objective)
                     with ctx, accelerator.autocast():
-                        loss_sum, kd_sum, ce_sum, n_tok = objective(**tensors, teacher=batch_targets(rows, source),
-                                                                    weight=weight)
+                        teacher = on_policy.targets(rows) if own else batch_targets(rows, source)
+                        loss_sum, kd_sum, ce_sum, n_tok = objective(**tensors, teacher=teacher, weight=weight,
+                                                                    labels_are_own=own)
                         if not torch.isfinite(loss_sum.detach()).item():
                             raise UserError(_diverged(global_step + 1, loss_sum.item(), folder))
                         accelerator.backward(loss_sum * world / max(global_count, 1.0))
-                    window_stats.add(loss_sum.item(), kd_sum.item() * weight, ce_sum.item() * weight, n_tok.item() * weight)
+                    window_stats.add(loss_sum.item(), kd_sum.item() * weight, 0.0 if own else ce_sum.item() * weight,
+                                     n_tok.item() * weight, labelled=not own)
                     tokens_seen += int(tensors["attention_mask"].sum().item() * weight)
                 grad_norm = (accelerator.clip_grad_norm_(objective.parameters(), params.max_grad_norm)
                              if params.max_grad_norm > 0 else None)
@@ -568,20 +593,30 @@ def finish(fitted: Fitted, data: Prepared, params: LLMTrainingParams, folder: Ru
 
 
 class _Stats:
-    def __init__(self) -> None:
-        self.loss = self.kd = self.ce = self.n = 0.0
+    """Sums over the steps of one logging window: loss and kd per trained token, ce per labelled token (the
+    student's own on-policy answers have no labels), and how many steps were on-policy."""
 
-    def add(self, loss: float, kd: float, ce: float, n: float) -> None:
+    def __init__(self) -> None:
+        self.loss = self.kd = self.ce = self.n = self.n_labelled = 0.0
+        self.on_policy_steps = 0
+
+    def add(self, loss: float, kd: float, ce: float, n: float, *, labelled: bool = True) -> None:
         self.loss += loss
         self.kd += kd
         self.ce += ce
         self.n += n
+        self.n_labelled += n if labelled else 0.0
 
-    def mean(self, accelerator: Any) -> dict[str, float]:
-        t = accelerator.reduce(torch.tensor([self.loss, self.kd, self.ce, self.n], device=accelerator.device), "sum")
-        loss, kd, ce, n = t.tolist()
+    def mean(self, accelerator: Any) -> dict[str, Any]:
+        t = accelerator.reduce(torch.tensor([self.loss, self.kd, self.ce, self.n, self.n_labelled],
+                                            device=accelerator.device), "sum")
+        loss, kd, ce, n, n_labelled = t.tolist()
         n = max(n, 1.0)
-        return {"loss": round(loss / n, 6), "kd": round(kd / n, 6), "ce": round(ce / n, 6), "tokens": int(n)}
+        out: dict[str, Any] = {"loss": round(loss / n, 6), "kd": round(kd / n, 6),
+                               "ce": round(ce / n_labelled, 6) if n_labelled else None, "tokens": int(n)}
+        if self.on_policy_steps:
+            out["on_policy_steps"] = self.on_policy_steps
+        return out
 
 
 def _optimizer(objective: torch.nn.Module, params: LLMTrainingParams) -> torch.optim.Optimizer:

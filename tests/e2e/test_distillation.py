@@ -73,9 +73,9 @@ def capture_loss_inputs(monkeypatch) -> list:
     batches = []
     real_forward = Objective.forward
 
-    def forward(self, input_ids, attention_mask, n_prompt, teacher=None, weight=1.0):
+    def forward(self, input_ids, attention_mask, n_prompt, teacher=None, weight=1.0, labels_are_own=False):
         batches.append((input_ids.clone(), attention_mask.clone(), n_prompt.clone(), teacher))
-        return real_forward(self, input_ids, attention_mask, n_prompt, teacher, weight)
+        return real_forward(self, input_ids, attention_mask, n_prompt, teacher, weight, labels_are_own)
 
     monkeypatch.setattr(Objective, "forward", forward)
     return batches

@@ -103,10 +103,10 @@ def test_prompt_templates(tiny_student, tiny_teacher, in_tmp, monkeypatch):
     rows: list[tuple[list[int], int]] = []
     real_forward = Objective.forward
 
-    def forward(self, input_ids, attention_mask, n_prompt, teacher=None, weight=1.0):
+    def forward(self, input_ids, attention_mask, n_prompt, teacher=None, weight=1.0, labels_are_own=False):
         for r in range(input_ids.shape[0]):
             rows.append((input_ids[r, : int(attention_mask[r].sum())].tolist(), int(n_prompt[r])))
-        return real_forward(self, input_ids, attention_mask, n_prompt, teacher, weight)
+        return real_forward(self, input_ids, attention_mask, n_prompt, teacher, weight, labels_are_own)
 
     monkeypatch.setattr(Teacher, "generate", generate)
     monkeypatch.setattr(Objective, "forward", forward)

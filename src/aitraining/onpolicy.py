@@ -1,0 +1,85 @@
+"""On-policy distillation: on a share of the training steps the student writes the answers itself and the
+teacher, kept loaded, gives its exact distribution at every token the student wrote.
+
+Why: trained only on the teacher's answers (off-policy), the student never sees its own mistakes. At inference
+it conditions on what it wrote, and a small student drifts into text the teacher never wrote: it loops ("a new
+adventure, a new adventure, ..."), and nothing in training told it how the teacher would go on from there.
+Scoring the student's own answers teaches exactly that (Agarwal et al., "On-Policy Distillation of Language
+Models: Learning from Self-Generated Mistakes", ICLR 2024: their lambda is `--distill-on-policy`).
+
+What a step on its own answers trains, per token the student wrote: alpha * T^2 * D(teacher_T || student_T),
+the same distillation term as on the data's answers. There is no label term on those tokens (the student's own
+token is no label), so `--distill-alpha` keeps its documented meaning: the weight of the distillation loss.
+
+Reproducible: which steps are on-policy and what the student samples depend only on --seed, the step and the
+micro-batch, never on the global random state, so a run resumed from a checkpoint writes the same answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor
+
+from aitraining import models
+from aitraining.losses import DenseTargets
+from aitraining.teacher import LiveTeacher, Teacher
+
+
+class _RealTokensOnly(LogitsProcessor):
+    """Note [Padded vocabularies] (teacher.py): embedding rows past the tokenizer are no tokens; an untrained
+    student would otherwise sample them."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores[:, self.vocab :] = -float("inf")
+        return scores
+
+
+class OnPolicy:
+    """The student's own answers and the live teacher's targets on them, for the steps that are on-policy."""
+
+    def __init__(self, teacher: Teacher, tokenizer: Any, *, share: float, seed: int, max_new_tokens: int,
+                 block_size: int) -> None:
+        self.teacher = LiveTeacher(teacher)
+        self.share, self.seed = share, seed
+        self.max_new_tokens, self.block_size = max_new_tokens, block_size
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.tokenizer = tokenizer
+        self.vocab = len(tokenizer)
+
+    def chosen(self, step: int) -> bool:
+        """Whether optimizer step `step` (0-based) trains on the student's own answers: a coin of weight
+        `share`, seeded by the run's seed and the step alone."""
+        if self.share >= 1.0:
+            return True
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return bool(torch.rand((), generator=g).item() < self.share)
+
+    @torch.no_grad()
+    def answer(self, student: Any, items: Sequence[Any], *, step: int, micro: int) -> list[Any]:
+        """The items with the student's own sampled answers (at T = 1, from its full distribution) in place of
+        the data's: same prompts, the teacher's prompt kept for scoring."""
+        from aitraining.train import Item
+
+        prompts = [list(it.input_ids[: it.n_prompt]) for it in items]
+        room = min(self.max_new_tokens, self.block_size - max(len(p) for p in prompts))
+        student = models.causal_lm(student)  # a LoRA student generates through its base model, adapters in place
+        was_training = student.training
+        student.eval()
+        try:
+            with torch.random.fork_rng(devices=[]):  # the training's own random state stays untouched
+                torch.manual_seed((self.seed * 1_000_003 + step) * 64 + micro)
+                answers = models.generate_answers(student, prompts, max_new_tokens=max(room, 1),
+                                                  stop=models.stop_ids(self.tokenizer, student), pad=self.pad,
+                                                  processors=[_RealTokensOnly(self.vocab)], do_sample=True)
+        finally:
+            student.train(was_training)
+        return [Item(p + a, len(p), None, it.teacher_prompt) for p, a, it in zip(prompts, answers, items, strict=True)]
+
+    def targets(self, items: Sequence[Any]) -> DenseTargets:
+        return self.teacher.targets(items)
