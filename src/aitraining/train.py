@@ -294,6 +294,9 @@ def prepare_data(
             raise UserError(f"--compare-baseline judges students token by token against the teacher, which needs the "
                             f"teacher's vocabulary; this run takes the {path.mode} path (use `aitraining eval`, which "
                             "compares any tokenizers on text, on each model folder)")
+        if params.distill_on_policy > 0 and path.mode != "same-vocabulary":
+            raise UserError(f"--distill-on-policy: the teacher scores the student's own tokens, which needs the student's "
+                            f"tokenizer, and this run takes the {path.mode} path ({path.reason}); drop --distill-on-policy")
         aligner = None
         if not path.same_tokenizer:
             from aitraining.align import ResponseAligner
@@ -310,7 +313,7 @@ def prepare_data(
         )
         out.timings["teacher_s"] = round(time.time() - started, 2)
         if params.distill_on_policy > 0:
-            out.on_policy = _on_policy(params, path, out.source, tokenizer, teacher_tokenizer, accelerator.device)
+            out.on_policy = _on_policy(params, out.source, tokenizer, teacher_tokenizer, accelerator.device)
         items = student_items(all_examples, teacher_items, tokenizer, params, chat_template, aligner)
         if path.mode == "cross-vocabulary":
             rows = [r for it in items if it is not None and it.teacher_rows for r in it.teacher_rows]
@@ -343,14 +346,11 @@ def prepare_data(
     return out
 
 
-def _on_policy(params: LLMTrainingParams, path: Any, source: Any, tokenizer: Any, teacher_tokenizer: Any,
-               device: torch.device) -> Any:
+def _on_policy(params: LLMTrainingParams, source: Any, tokenizer: Any, teacher_tokenizer: Any, device: torch.device
+               ) -> Any:
     from aitraining.onpolicy import OnPolicy
     from aitraining.teacher import LiveTeacher, Teacher
 
-    if path.mode != "same-vocabulary":
-        raise UserError(f"--distill-on-policy: the teacher scores the student's own tokens, which needs the student's "
-                        f"tokenizer, and this run takes the {path.mode} path ({path.reason}); drop --distill-on-policy")
     # A live source's teacher is already loaded; otherwise it loads on the first on-policy step.
     teacher = source.teacher if isinstance(source, LiveTeacher) else Teacher(params, device, teacher_tokenizer)
     log.info("on-policy: on %.0f%% of the steps the student writes its own answers (up to %d tokens, sampled at T = 1) "

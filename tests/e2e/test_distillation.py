@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PAIRS, other_tokenizer_student, write_jsonl
+from helpers import PAIRS, assert_same_weights, other_tokenizer_student, write_jsonl
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from aitraining.cli import main
@@ -337,6 +337,94 @@ def test_the_student_moves_toward_the_teacher(tiny_student, tiny_teacher, tmp_pa
     after = reference.compare(AutoModelForCausalLM.from_pretrained(project))
     assert before["n_tokens"] == after["n_tokens"] > 10
     assert after["kl_to_teacher"] < 0.65 * before["kl_to_teacher"]
+
+
+def test_on_policy_steps_train_on_the_students_own_answers_and_resume_to_the_same_weights(
+    tiny_student, tiny_teacher, pairs_file, tmp_path, monkeypatch
+):
+    """--distill-on-policy 0.5 through the CLI: the steps its seeded coin picks train on the student's own answers
+    to the data's prompts, without labels, each answer scored by the teacher on exactly those tokens after the
+    teacher's own prompt; the other steps train on the data's answers from the cache; metrics count the on-policy
+    steps and the model card says so. A run interrupted mid-way and resumed ends with the weights of one that was
+    not (the samples depend on the seed and the step only)."""
+    import aitraining.train as train_mod
+    from aitraining.losses import DenseTargets
+
+    seen: list[tuple[list[list[int]], list[int], bool, object]] = []
+    real_forward = Objective.forward
+
+    def forward(self, input_ids, attention_mask, n_prompt, teacher=None, weight=1.0, labels_are_own=False):
+        rows = [input_ids[r, : int(attention_mask[r].sum())].tolist() for r in range(input_ids.shape[0])]
+        seen.append((rows, n_prompt.tolist(), labels_are_own, teacher))
+        return real_forward(self, input_ids, attention_mask, n_prompt, teacher, weight, labels_are_own)
+
+    scored: list[tuple[list[int], list[int]]] = []
+    real_hidden = Teacher.hidden
+
+    def hidden(self, pairs):
+        scored.extend((list(a), list(b)) for a, b in pairs)
+        return real_hidden(self, pairs)
+
+    monkeypatch.setattr(Objective, "forward", forward)
+    monkeypatch.setattr(Teacher, "hidden", hidden)
+    args = ["llm", "--train", "--model", tiny_student, "--teacher-model", tiny_teacher, "--data-path", pairs_file,
+            "--use-distillation", "--distill-on-policy", "0.5", "--epochs", "3", "--batch-size", "2", "--lr", "1e-3",
+            "--mixed-precision", "no", "--logging-steps", "1", "--distill-max-teacher-length", "10",
+            "--save-total-limit", "2", "--holdout-share", "0"]
+    full = tmp_path / "full"
+    assert main([*args, "--project-name", str(full)]) == 0
+
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    data_answers = {tuple((tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[:10]) for _, r in PAIRS}
+    own_scored = [(tuple(b), a) for a, b in scored if tuple(b) not in data_answers]
+    n_own = 0
+    for rows, n_prompt, own, teacher in seen:
+        answers = [tuple(ids[n:]) for ids, n in zip(rows, n_prompt, strict=True)]
+        assert all((a in data_answers) != own for a in answers)
+        if own:
+            n_own += 1
+            assert isinstance(teacher, DenseTargets) and len(teacher) == sum(len(a) for a in answers)
+            assert all(len(a) <= 10 for a in answers)
+            for ids, n in zip(rows, n_prompt, strict=True):
+                teacher_prompt = dict(own_scored)[tuple(ids[n:])]
+                assert tok.decode(teacher_prompt).endswith(tok.decode(ids[:n]).removeprefix(tok.bos_token or ""))
+    assert 0 < n_own < len(seen) == 12
+    metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert sum(m.get("on_policy_steps", 0) for m in metrics) == n_own
+    assert all(m["ce"] is None for m in metrics if m.get("on_policy_steps"))
+    assert "on the student's own sampled answers" in (full / "README.md").read_text()
+
+    calls = {"n": 0}
+    real_add = train_mod._Stats.add
+
+    def add_then_interrupt(self, *a, **kw):
+        real_add(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 7:  # in the middle of the second epoch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod._Stats, "add", add_then_interrupt)
+    stopped = tmp_path / "stopped"
+    assert main([*args, "--project-name", str(stopped)]) == 130
+    monkeypatch.setattr(train_mod._Stats, "add", real_add)
+    assert main([*args, "--project-name", str(stopped), "--resume-from-checkpoint", "latest"]) == 0
+    assert_same_weights(str(full), str(stopped), atol=1e-6)
+
+
+def test_on_policy_needs_the_students_tokenizer_and_a_distillation_term(real_tokenizers, tiny_teacher, tiny_student,
+                                                                         prompts_file, tmp_path, capsys):
+    student = _other_tokenizer_student(real_tokenizers, tmp_path / "student")
+    base = ["llm", "--train", "--teacher-model", tiny_teacher, "--data-path", prompts_file,
+            "--project-name", str(tmp_path / "x"), "--distill-on-policy", "0.5"]
+    for extra, words in (([ "--model", student, "--use-distillation"], "cross-vocabulary path"),
+                         (["--model", tiny_student], "add --use-distillation"),
+                         (["--model", tiny_student, "--use-distillation", "--distill-mode", "sequence"], "--distill-mode logits"),
+                         (["--model", tiny_student, "--use-distillation", "--distill-alpha", "0"], "--distill-alpha 0")):
+        capsys.readouterr()
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--distill-on-policy" in err[0] and words in err[0], err
+    assert not (tmp_path / "x").exists()
 
 
 def _tiny_with(tokenizer, folder: Path, vocab_size: int, seed: int, *, boost_padding: bool = False) -> str:

@@ -142,8 +142,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_student, pairs_file, t
     calls = {"n": 0}
     real_add = train_mod._Stats.add
 
-    def add_then_interrupt(self, *a):
-        real_add(self, *a)
+    def add_then_interrupt(self, *a, **kw):
+        real_add(self, *a, **kw)
         calls["n"] += 1
         if calls["n"] == 7:  # in the middle of the second epoch
             raise KeyboardInterrupt
@@ -277,8 +277,8 @@ def test_a_restart_without_resume_never_loses_its_new_checkpoint(tiny_student, p
     real_add = train_mod._Stats.add
     calls = {"n": 0}
 
-    def add_then_interrupt(self, *a):
-        real_add(self, *a)
+    def add_then_interrupt(self, *a, **kw):
+        real_add(self, *a, **kw)
         calls["n"] += 1
         if calls["n"] == 6:
             raise KeyboardInterrupt

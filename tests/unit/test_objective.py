@@ -50,9 +50,11 @@ def setup(smol_tokenizer_dir, tmp_path_factory):
     return tok, student, teacher, items
 
 
-def naive_loss(student: LlamaForCausalLM, teacher_probs: list[torch.Tensor], items: list[Item]) -> torch.Tensor:
+def naive_loss(student: LlamaForCausalLM, teacher_probs: list[torch.Tensor], items: list[Item], *,
+               with_labels: bool = True) -> torch.Tensor:
     """Sum over response tokens of alpha T^2 KL(p_t^T || p_s^T) + (1 - alpha) CE, in float64, from the model's
-    full logits; `teacher_probs[i]` is (n_response, V) for item i, already at T."""
+    full logits; `teacher_probs[i]` is (n_response, V) for item i, already at T. `with_labels=False`: the response
+    is the student's own (on-policy): no CE term."""
     total = torch.zeros((), dtype=torch.float64)
     for it, p_t in zip(items, teacher_probs, strict=True):
         logits = student(input_ids=torch.tensor([it.input_ids])).logits[0].double()
@@ -61,7 +63,7 @@ def naive_loss(student: LlamaForCausalLM, teacher_probs: list[torch.Tensor], ite
         log_ps = F.log_softmax(z / T, -1)
         kl = (p_t * (torch.log(p_t.clamp_min(1e-300)) - log_ps)).where(p_t > 0, 0.0).sum(-1)
         ce = F.cross_entropy(z, labels, reduction="none")
-        total = total + (ALPHA * T**2 * kl + (1 - ALPHA) * ce).sum()
+        total = total + (ALPHA * T**2 * kl + (1 - ALPHA) * ce * with_labels).sum()
     return total
 
 
@@ -78,22 +80,24 @@ def teacher_logits(teacher_dir: str, items: list[Item], vocab: int) -> list[torc
     return out
 
 
-def objective_loss(student_dir: str, items: list[Item], targets, pad: int, chunk_size: int) -> tuple[float, torch.Tensor]:
+def objective_loss(student_dir: str, items: list[Item], targets, pad: int, chunk_size: int, *,
+                   labels_are_own: bool = False) -> tuple[float, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(student_dir)
     objective = Objective(model, temperature=T, alpha=ALPHA, chunk_size=chunk_size)
-    loss, _, _, n = objective(**collate(items, pad), teacher=targets)
+    loss, _, _, n = objective(**collate(items, pad), teacher=targets, labels_are_own=labels_are_own)
     loss.backward()
     assert n.item() == sum(len(it.input_ids) - it.n_prompt for it in items)
     return loss.item(), model.lm_head.weight.grad.clone()
 
 
-def reference(student_dir: str, items: list[Item], probs: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
+def reference(student_dir: str, items: list[Item], probs: list[torch.Tensor], *, with_labels: bool = True
+              ) -> tuple[float, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float64)
-    loss = naive_loss(model, probs, items)
+    loss = naive_loss(model, probs, items, with_labels=with_labels)
     loss.backward()
     return loss.item(), model.lm_head.weight.grad.float()
 
@@ -115,6 +119,47 @@ def test_live_teacher_objective_equals_the_float64_dense_loss(setup, chunk_size)
     want, want_grad = reference(student, items, probs)
     assert got == pytest.approx(want, rel=1e-5)
     torch.testing.assert_close(grad, want_grad, rtol=1e-3, atol=1e-6)
+
+
+def test_on_policy_answers_are_the_students_own_and_train_alpha_t2_kl_without_labels(setup):
+    """On-policy rows (onpolicy.py): the same prompts with the student's own sampled answers, reproducible from
+    (seed, step, micro-batch) and leaving the global random state alone; their loss is alpha T^2 KL against the
+    teacher's exact distribution on those very tokens, with no label term, equal to the float64 definition."""
+    from transformers import AutoModelForCausalLM
+
+    from aitraining.onpolicy import OnPolicy
+
+    tok, student, teacher_dir, items = setup
+    params = LLMTrainingParams(model=student, teacher_model=teacher_dir, data_path="x", use_distillation=True,
+                               mixed_precision="no")
+    on = OnPolicy(Teacher(params, torch.device("cpu")), tok, share=0.5, seed=5, max_new_tokens=6, block_size=64)
+    model = AutoModelForCausalLM.from_pretrained(student)
+    model.train()
+    state = torch.get_rng_state()
+    own = on.answer(model, items, step=3, micro=0)
+    assert torch.equal(state, torch.get_rng_state()) and model.training
+    assert [it.input_ids for it in on.answer(model, items, step=3, micro=0)] == [it.input_ids for it in own]
+    assert [it.input_ids for it in on.answer(model, items, step=4, micro=0)] != [it.input_ids for it in own]
+    for mine, it in zip(own, items, strict=True):
+        assert mine.input_ids[: mine.n_prompt] == it.input_ids[: it.n_prompt] and mine.teacher_prompt == it.teacher_prompt
+        answer = mine.input_ids[mine.n_prompt :]
+        assert 1 <= len(answer) <= 6 and max(answer) < len(tok)  # never a padded embedding row
+        assert answer != it.input_ids[it.n_prompt :]
+    boosted = AutoModelForCausalLM.from_pretrained(student)
+    with torch.no_grad():
+        boosted.lm_head.weight[len(tok) :] *= 300  # padded rows that an unmasked sampler would pick at once
+    assert all(max(it.input_ids[it.n_prompt :]) < len(tok) for it in on.answer(boosted, items, step=3, micro=1))
+    assert 0.3 < sum(on.chosen(s) for s in range(200)) / 200 < 0.7
+    assert [on.chosen(s) for s in range(50)] == [on.chosen(s) for s in range(50)]
+
+    width = len(tok) + 64
+    probs = [padded(F.softmax(z / T, -1), width) for z in teacher_logits(teacher_dir, own, len(tok))]
+    got, grad = objective_loss(student, own, on.targets(own), tok.pad_token_id, 4, labels_are_own=True)
+    want, want_grad = reference(student, own, probs, with_labels=False)
+    assert got == pytest.approx(want, rel=1e-5)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-3, atol=1e-6)
+    with_labels, _ = reference(student, own, probs)
+    assert with_labels > want * 1.01  # the label term would have counted
 
 
 def test_cached_full_head_equals_the_float64_dense_loss(setup):
