@@ -37,7 +37,14 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _measure import describe_machine, format_table, measure_command, utc_now_iso, write_json  # noqa: E402
+from _measure import (  # noqa: E402
+    describe_machine,
+    format_table,
+    measure_command,
+    paired_bootstrap,
+    utc_now_iso,
+    write_json,
+)
 from _setup import bundled_teacher_folder, pruned_student, tiny_models  # noqa: E402
 
 DATA = HERE / "data"
@@ -204,6 +211,10 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
                         row[f"wall_vs_{ref}"] = spread([by_seed[s]["wall_s"] / runs[ref][s]["wall_s"] for s in timed])
                     row[f"rouge_minus_{ref}"] = spread([by_seed[s]["judge"]["rouge_l"] - runs[ref][s]["judge"]["rouge_l"]
                                                         for s in common])
+                    if all("rouge_l_per_answer" in r[s]["judge"] for r in (by_seed, runs[ref]) for s in common):
+                        row[f"rouge_minus_{ref}_bootstrap"] = paired_bootstrap(
+                            [by_seed[s]["judge"]["rouge_l_per_answer"] for s in common],
+                            [runs[ref][s]["judge"]["rouge_l_per_answer"] for s in common])
         out[arm] = row
     return out
 

@@ -107,14 +107,14 @@ def response_metrics(
     return out
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F-measure of each prediction against its reference (stemmed, as the package's authors
-    recommend for English)."""
+def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F-measure of each prediction against its reference (stemmed, as the package's authors recommend
+    for English)."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
-    return sum(scores) / max(len(scores), 1)
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
+
 
 
 class TeacherReference:
@@ -191,9 +191,10 @@ class TeacherReference:
                                                stop=stop, pad=self.pad)
                 for i, out in zip(chunk, outs, strict=True):
                     written[i] = self.tokenizer.decode(out, skip_special_tokens=True)
+        scores = rouge_l_scores(written, self.answers)
         return {"kl_to_teacher": metrics["kl_to_teacher"], "top1_agreement": metrics["top1_agreement"],
-                "ce": metrics["ce"], "perplexity": metrics["perplexity"], "rouge_l": rouge_l(written, self.answers),
-                "n_tokens": metrics["n_tokens"], "answers": written}
+                "ce": metrics["ce"], "perplexity": metrics["perplexity"], "rouge_l": sum(scores) / max(len(scores), 1),
+                "rouge_l_per_answer": scores, "n_tokens": metrics["n_tokens"], "answers": written}
 
 
 @torch.no_grad()
@@ -286,9 +287,10 @@ class TextReference:
                                                pad=pad)
                 for i, out in zip(chunk, outs, strict=True):
                     written[i] = tokenizer.decode(out, skip_special_tokens=True)
+        scores = rouge_l_scores(written, self.answers)
         return {"kl_per_byte": (nll - self.teacher_nll) / self.bytes, "nll_per_byte": nll / self.bytes,
                 "teacher_nll_per_byte": self.teacher_nll / self.bytes, "bytes": self.bytes,
-                "rouge_l": rouge_l(written, self.answers), "answers": written}
+                "rouge_l": sum(scores) / max(len(scores), 1), "rouge_l_per_answer": scores, "answers": written}
 
 
 def prompt_text(ex: Any) -> str:
