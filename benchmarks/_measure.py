@@ -378,21 +378,6 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def paired_bootstrap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], *, draws: int = 10_000,
-                     seed: int = 0) -> dict[str, Any]:
-    """The mean of a - b over prompts (each prompt's difference averaged over the seeds: a[s][i] and b[s][i] are
-    seed s's scores on prompt i) and its 95 % interval from resampling the prompts (percentile bootstrap):
-    whether a difference in a per-prompt score such as ROUGE-L is more than the prompts that were drawn."""
-    import random
-
-    n = len(a[0])
-    diffs = [sum(x[i] - y[i] for x, y in zip(a, b, strict=True)) / len(a) for i in range(n)]
-    rng = random.Random(seed)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(draws))
-    lo, hi = means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
-    return {"mean": sum(diffs) / n, "ci95": [lo, hi], "excludes_zero": lo > 0 or hi < 0, "prompts": n, "seeds": len(a)}
-
-
 def safe_ratio(num: float | None, den: float | None) -> float | None:
     """``num / den``, or None when either is missing or the ratio would not be a finite number."""
     if num is None or den is None or den == 0:

@@ -35,14 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from _measure import (  # noqa: E402
-    describe_machine,
-    format_table,
-    measure_command,
-    paired_bootstrap,
-    utc_now_iso,
-    write_json,
-)
+from _measure import describe_machine, format_table, measure_command, utc_now_iso, write_json  # noqa: E402
 from quality import setup, teacher_answers, write_jsonl  # noqa: E402
 
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -98,7 +91,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from aitraining import models
-    from aitraining.evaluate import TextReference
+    from aitraining.evaluate import TextReference, paired_difference
     from aitraining.params import LLMTrainingParams
 
     work, teacher, base, train_prompts, heldout_prompts = setup(args)
@@ -147,7 +140,7 @@ def main() -> None:
         summary["logits"]["kl_vs_sequence"] = spread(kl)
         summary["logits"]["rouge_minus_sequence"] = spread(rouge)
         if all("rouge_l_per_answer" in runs[arm][s]["judge"] for arm in ("logits", "sequence") for s in common):
-            summary["logits"]["rouge_minus_sequence_bootstrap"] = paired_bootstrap(
+            summary["logits"]["rouge_minus_sequence_interval"] = paired_difference(
                 *[[runs[arm][s]["judge"]["rouge_l_per_answer"] for s in common] for arm in ("logits", "sequence")])
         checks = {"logits_closer_on_text": statistics.fmean(kl) < 1, "logits_closer_every_seed": max(kl) < 1,
                   "logits_rouge_higher": statistics.fmean(rouge) > 0, "logits_rouge_higher_every_seed": min(rouge) > 0}

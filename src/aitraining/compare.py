@@ -107,7 +107,20 @@ def verdict(result: dict[str, Any]) -> str:
     ratio = d["kl_to_teacher"] / max(b["kl_to_teacher"], 1e-12)
     return (f"the distilled student is {'closer to' if closer else 'NOT closer to'} the teacher than the baseline: "
             f"KL {d['kl_to_teacher']:.3f} vs {b['kl_to_teacher']:.3f} ({ratio:.2f}x), ROUGE-L {d['rouge_l']:.3f} vs "
-            f"{b['rouge_l']:.3f}, on {result['held_out_rows']} held-out rows")
+            f"{b['rouge_l']:.3f}{rouge_interval(d, b)}, on {result['held_out_rows']} held-out rows")
+
+
+def rouge_interval(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """' (difference +0.006, 95 % interval -0.011 to +0.024: within what the prompts drawn allow)', from the
+    per-answer scores; '' where they are missing."""
+    from aitraining.evaluate import paired_difference
+
+    if not a.get("rouge_l_per_answer") or not b.get("rouge_l_per_answer"):
+        return ""
+    got = paired_difference([a["rouge_l_per_answer"]], [b["rouge_l_per_answer"]])
+    lo, hi = got["ci95"]
+    what = "a real difference" if got["excludes_zero"] else "within what the prompts drawn allow"
+    return f" (difference {got['mean']:+.3f}, 95 % interval {lo:+.3f} to {hi:+.3f}: {what})"
 
 
 def write_comparison(folder: RunFolder, params: LLMTrainingParams, result: dict[str, Any]) -> None:

@@ -8,7 +8,8 @@ and by the demo:
   With a live teacher the KL is exact (full vocabulary). With the cache it is taken over the teacher's head
   ids plus one bucket for the rest (whose mass at T = 1 is stored exactly): a lower bound of the full KL that
   only misses how differently the two spread the few percent of mass outside the head.
-- `rouge_l`: ROUGE-L F-measure of the student's answers against the teacher's (the `rouge-score` package).
+- `rouge_l_scores`: ROUGE-L F-measure of each of the student's answers against the teacher's (the `rouge-score`
+  package); `paired_difference`: whether two models' mean differs by more than the prompts drawn.
 - `TeacherReference`: the exact (live, float32) teacher on its answers to held-out prompts, computed once, and
   any student compared to it: exact KL, top-1 agreement, label loss, ROUGE-L of the student's greedy answers.
 - `TextReference`: the same comparison on text, for students with any tokenizer: the student's negative
@@ -105,6 +106,21 @@ def response_metrics(
         out["kl_to_teacher"] = kl_sum / n_teacher
         out["top1_agreement"] = agree / n_teacher
     return out
+
+
+def paired_difference(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], *, draws: int = 10_000,
+                      seed: int = 0) -> dict[str, Any]:
+    """The mean of a - b over prompts (each prompt's difference averaged over runs: a[r][i] and b[r][i] are run
+    r's scores on prompt i, e.g. ROUGE-L per answer of one seed) and its 95 % interval from resampling the
+    prompts (percentile bootstrap): whether a difference is more than the prompts that happened to be drawn."""
+    import random
+
+    n = len(a[0])
+    diffs = [sum(x[i] - y[i] for x, y in zip(a, b, strict=True)) / len(a) for i in range(n)]
+    rng = random.Random(seed)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(draws))
+    lo, hi = means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+    return {"mean": sum(diffs) / n, "ci95": [lo, hi], "excludes_zero": lo > 0 or hi < 0, "prompts": n, "runs": len(a)}
 
 
 def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
@@ -360,7 +376,7 @@ def judge_models(reference: TeacherReference, folders: dict[str, str], params: L
                                       allow_pickle=params.allow_pickle_weights, token=params.token, flag=flag)
         got = reference.compare(model, show_progress=show_progress)
         rows[role] = {"model": name, **{k: got[k] for k in ("kl_to_teacher", "top1_agreement", "ce", "perplexity",
-                                                           "rouge_l")},
+                                                           "rouge_l", "rouge_l_per_answer")},
                       **model_facts(name, model, speed_prompts, pad=reference.pad), "answers": got["answers"]}
         del model
     return {"held_out_rows": len(reference.items),
@@ -387,7 +403,7 @@ def judge_on_text(teacher: str, rows: Sequence[tuple[str, str]], folders: dict[s
         got = reference.compare(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         prompts = reference._prompt_ids(tokenizer, params.student_prompt_template)[:4]
-        out[role] = {"model": name, **{k: got[k] for k in ("kl_per_byte", "nll_per_byte", "rouge_l")},
+        out[role] = {"model": name, **{k: got[k] for k in ("kl_per_byte", "nll_per_byte", "rouge_l", "rouge_l_per_answer")},
                      **model_facts(name, model, prompts, pad=pad), "answers": got["answers"]}
         del model
     return {"held_out_rows": len(rows), "held_out_bytes": reference.bytes,

@@ -8,6 +8,7 @@ import pytest
 from aitraining import card, compare, plots
 from aitraining.data import MIN_ROWS_TO_HOLD_OUT, held_out_rows
 from aitraining.errors import UserError
+from aitraining.evaluate import paired_difference
 from aitraining.params import LLMTrainingParams
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -108,3 +109,29 @@ def test_pictures_are_real_pngs(tmp_path):
         data = (tmp_path / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000
     assert plots.training_curves(str(tmp_path / "none.png"), {"x": []}) == []
+
+
+def test_paired_difference_separates_a_real_difference_from_noise():
+    """The interval that says whether a ROUGE-L difference is more than the prompts drawn: a consistent gain
+    excludes zero, a zero-mean jitter of the same size does not, identical scores give exactly zero; the
+    comparison's verdict says which."""
+    import random
+
+    rng = random.Random(1)
+    base = [[rng.random() for _ in range(100)] for _ in range(3)]
+    gain = [[x + 0.05 + rng.gauss(0, 0.02) for x in seed] for seed in base]
+    noise = [[x + rng.choice((-0.05, 0.05)) for x in seed] for seed in base]
+    got = paired_difference(gain, base)
+    assert got["excludes_zero"] and 0.04 < got["ci95"][0] <= got["mean"] <= got["ci95"][1] < 0.06
+    assert got["prompts"] == 100 and got["runs"] == 3
+    jitter = paired_difference(noise, base)
+    assert not jitter["excludes_zero"] and jitter["ci95"][0] < 0 < jitter["ci95"][1]
+    same = paired_difference(base, base)
+    assert same["mean"] == 0 and same["ci95"] == [0, 0] and not same["excludes_zero"]
+
+    models = {**RESULT["models"], "distilled": {**RESULT["models"]["distilled"], "rouge_l_per_answer": gain[0]},
+              "baseline": {**RESULT["models"]["baseline"], "rouge_l_per_answer": base[0]}}
+    assert ": a real difference)" in compare.verdict({**RESULT, "models": models})
+    models["distilled"] = {**models["distilled"], "rouge_l_per_answer": noise[0]}
+    assert "within what the prompts drawn allow" in compare.verdict({**RESULT, "models": models})
+    assert "interval" not in compare.verdict(RESULT)  # a result without per-answer scores
