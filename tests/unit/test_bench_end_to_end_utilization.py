@@ -62,6 +62,8 @@ def test_quality_quick(tmp_path: Path) -> None:
             assert math.isfinite(arm[name]["mean"]), name
     assert result["arms"]["ours"]["cache_bytes_per_token"] <= 1024
     assert set(result["targets_for_ours"]) >= {"kl_at_most_0.72x_baseline", "kl_within_3pct_of_dense", "wall_at_most_0.5x_dense"}
+    interval = result["arms"]["ours"]["rouge_minus_baseline_interval"]
+    assert interval["prompts"] == 6 and interval["ci95"][0] <= interval["mean"] <= interval["ci95"][1]
 
 
 def test_vs_trl_quick_runs_our_side(tmp_path: Path) -> None:
@@ -95,6 +97,7 @@ def test_cross_tokenizer_quick(tmp_path: Path) -> None:
     runs = result["runs"]
     assert "across vocabularies" in runs["logits"]["0"]["path"] and "sequence" in runs["sequence"]["0"]["path"]
     assert 0 < result["arms"]["logits"]["aligned_token_share"] <= 1
+    assert result["arms"]["logits"]["rouge_minus_sequence_interval"]["prompts"] == 6
     assert set(result["targets"]) == {"logits_closer_on_text", "logits_closer_every_seed", "logits_rouge_higher",
                                       "logits_rouge_higher_every_seed"}
 
