@@ -60,6 +60,8 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ours_t2": ("defaults but T = 2", (*DISTILL, "--distill-temperature", "2")),
     "ours_k64_m128": ("top-64 + 128 tail samples", (*DISTILL, "--distill-top-k", "64", "--distill-tail-samples", "128")),
     "ours_alpha1": ("defaults but alpha = 1 (no label loss)", (*DISTILL, "--distill-alpha", "1")),
+    "ours_skew": ("defaults but skew KL (DistiLLM), beta 0.1", (*DISTILL, "--distill-loss", "skew_kl", "--distill-beta", "0.1")),
+    "ours_rkl": ("defaults but reverse KL", (*DISTILL, "--distill-loss", "reverse_kl")),
     "ours_onpolicy": ("defaults + on-policy on half the steps (the student's own answers, the live teacher scores)",
                       (*DISTILL, "--distill-on-policy", "0.5")),
 }
