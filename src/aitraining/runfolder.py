@@ -44,10 +44,16 @@ def _read_json(path: str) -> dict[str, Any]:
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # no space, over quota, file size limit
 
 
+# Note [Nearly full]: a filesystem refuses writes before statvfs reports zero free bytes (ext4 keeps blocks for
+# delayed allocation and metadata): a checkpoint write here failed with about 36 MiB still reported free. Under
+# this much, a write that failed is taken for a full disk.
+NEARLY_FULL = 64 * 2**20
+
+
 def _disk_full(error: BaseException, path: str) -> OSError | None:
     """A write that failed because the disk is full, as an OSError(ENOSPC), whatever raised it: torch.save reports
-    one as a RuntimeError ("iostream error"). Judged by the error itself, or by the disk having under 1 MiB left
-    when the write failed."""
+    one as a RuntimeError ("iostream error"). Judged by the error itself, or by the disk having under
+    NEARLY_FULL bytes left when the write failed (Note [Nearly full])."""
     if isinstance(error, OSError) and error.errno in DISK_FULL:
         return error
     if not isinstance(error, (OSError, RuntimeError)):
@@ -56,7 +62,7 @@ def _disk_full(error: BaseException, path: str) -> OSError | None:
         free = shutil.disk_usage(path if os.path.exists(path) else os.path.dirname(path)).free
     except OSError:
         return None
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) if free < 2**20 else None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) if free < NEARLY_FULL else None
 
 
 @contextlib.contextmanager

@@ -402,6 +402,26 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.parametrize("free_mib, full", [(0, True), (36, True), (10_000, False)])
+def test_a_write_that_fails_on_a_nearly_full_disk_is_a_full_disk(tmp_path, monkeypatch, free_mib, full):
+    """torch.save says "unexpected pos" or "iostream error", no errno; a real checkpoint write here failed that way
+    with 36 MiB still reported free (Note [Nearly full]). Either way the half-written folder goes."""
+    import errno
+    from types import SimpleNamespace
+
+    from aitraining import runfolder
+
+    monkeypatch.setattr(runfolder.shutil, "disk_usage", lambda _: SimpleNamespace(total=2**40, used=0, free=free_mib << 20))
+    aside = tmp_path / "checkpoint-4.tmp"
+    aside.mkdir()
+    (aside / "optimizer.bin").write_bytes(b"half")
+    with pytest.raises((OSError, RuntimeError)) as raised:
+        with runfolder._written_aside(str(aside)):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 113264320 vs 113264208")
+    assert (isinstance(raised.value, OSError) and raised.value.errno == errno.ENOSPC) == full
+    assert not aside.exists()
+
+
 def test_a_full_disk_stops_the_run_keeps_everything_and_resumes(tiny_model_factory, tmp_path, small_disk, capsys):
     """The project on a 60 MB disk: the teacher's outputs and the epoch-1 checkpoint (about 38 MB) fit, the epoch-2
     checkpoint does not. The run stops with one line (exit 2), the half-written checkpoint is gone, the previous
