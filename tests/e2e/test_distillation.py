@@ -81,6 +81,19 @@ def capture_loss_inputs(monkeypatch) -> list:
     return batches
 
 
+def capture_teacher_scoring(monkeypatch) -> list[tuple[list[int], list[int]]]:
+    """What the teacher really scores: (its prompt ids, the response ids) of every row it reads."""
+    scored: list[tuple[list[int], list[int]]] = []
+    real_hidden = Teacher.hidden
+
+    def hidden(self, pairs):
+        scored.extend((list(a), list(b)) for a, b in pairs)
+        return real_hidden(self, pairs)
+
+    monkeypatch.setattr(Teacher, "hidden", hidden)
+    return scored
+
+
 def test_what_the_teacher_scored_is_what_the_student_trained_on(tiny_teacher, tiny_student, tmp_path, monkeypatch):
     """The real sequences of a real run, captured where the teacher reads them and where the student's loss
     takes them: the teacher scored its own prompt rendering + the response; the student trained on its own
@@ -93,14 +106,7 @@ def test_what_the_teacher_scored_is_what_the_student_trained_on(tiny_teacher, ti
         {"prompt": "Emoji?", "response": "Sure 🙂  twice\n\n\tand tabs 12345."},
     ]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    scored: list[tuple[list[int], list[int]]] = []
-    real_hidden = Teacher.hidden
-
-    def hidden(self, pairs):
-        scored.extend((list(a), list(b)) for a, b in pairs)
-        return real_hidden(self, pairs)
-
-    monkeypatch.setattr(Teacher, "hidden", hidden)
+    scored = capture_teacher_scoring(monkeypatch)
     batches = capture_loss_inputs(monkeypatch)
     template_t = "<|system|>You are helpful.<|user|>{input}<|assistant|>"
     assert main(["llm", "--train", "--model", tiny_student, "--teacher-model", tiny_teacher, "--data-path", data,
@@ -358,15 +364,8 @@ def test_on_policy_steps_train_on_the_students_own_answers_and_resume_to_the_sam
         seen.append((rows, n_prompt.tolist(), labels_are_own, teacher))
         return real_forward(self, input_ids, attention_mask, n_prompt, teacher, weight, labels_are_own)
 
-    scored: list[tuple[list[int], list[int]]] = []
-    real_hidden = Teacher.hidden
-
-    def hidden(self, pairs):
-        scored.extend((list(a), list(b)) for a, b in pairs)
-        return real_hidden(self, pairs)
-
+    scored = capture_teacher_scoring(monkeypatch)
     monkeypatch.setattr(Objective, "forward", forward)
-    monkeypatch.setattr(Teacher, "hidden", hidden)
     args = ["llm", "--train", "--model", tiny_student, "--teacher-model", tiny_teacher, "--data-path", pairs_file,
             "--use-distillation", "--distill-on-policy", "0.5", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3",
             "--mixed-precision", "no", "--logging-steps", "1", "--distill-max-teacher-length", "10",
