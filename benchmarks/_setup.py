@@ -27,12 +27,12 @@ def bundled_teacher_folder() -> str:
     return str(folder)
 
 
-def pruned_student(teacher: str, folder: Path, num_layers: int = 8) -> str:
-    """A student of `num_layers` evenly spaced layers of the teacher (`aitraining prune`), made once."""
+def pruned_student(teacher: str, folder: Path, num_layers: int = 8, layers: str = "measured") -> str:
+    """A student of `num_layers` layers of the teacher (`aitraining prune --layers measured|even`), made once."""
     from aitraining.models import prune_to_folder
 
     if not (folder / "config.json").exists():
-        prune_to_folder(teacher, num_layers, str(folder), overwrite=True)
+        prune_to_folder(teacher, num_layers, str(folder), overwrite=True, layers=layers)
     return str(folder)
 
 

@@ -42,7 +42,7 @@ def make_models(work: Path, quick: bool) -> tuple[str, str]:
     if quick:
         return tiny_models(work)
     teacher = bundled_teacher_folder()
-    return teacher, pruned_student(teacher, work / "student")
+    return teacher, pruned_student(teacher, work / "student", layers="even")
 
 
 def write_rows(work: Path, rows: int) -> str:

@@ -45,6 +45,9 @@ TRAIN_PROMPTS = DATA / "self_instruct_seed_prompts.jsonl"
 HELDOUT_PROMPTS = DATA / "user_oriented_prompts.jsonl"
 N_HELDOUT = 100
 DISTILL = ("--use-distillation",)
+# The student's folder in --work for each `aitraining prune --layers` choice (the evenly spaced one keeps the name
+# the runs made before measured pruning were recorded with).
+STUDENT_FOLDER = {"measured": "student-8-measured", "even": "student-8-layers"}
 
 # name -> (what it is, extra flags). Every arm also gets the common budget flags (see `train_argv`).
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -249,7 +252,8 @@ def setup(args: argparse.Namespace) -> tuple[Path, str, str, list[str], list[str
         return work, teacher, student, read_prompts(TRAIN_PROMPTS)[:12], read_prompts(HELDOUT_PROMPTS)[-6:]
     work.mkdir(parents=True, exist_ok=True)
     teacher = bundled_teacher_folder()
-    student = pruned_student(teacher, work / "student-8-layers")
+    layers = getattr(args, "student_layers", "even")  # the cross-tokenizer benchmark's student: evenly spaced
+    student = pruned_student(teacher, work / STUDENT_FOLDER[layers], layers=layers)
     return work, teacher, student, read_prompts(TRAIN_PROMPTS), read_prompts(HELDOUT_PROMPTS)[-N_HELDOUT:]
 
 
@@ -261,7 +265,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--max-new-tokens", type=int, default=64, help="longest teacher answer")
-    ap.add_argument("--work", default=str(HERE / ".work" / "quality"), help="runs and teacher answers (reused)")
+    ap.add_argument("--student-layers", choices=list(STUDENT_FOLDER), default="measured",
+                    help="which 8 layers the student keeps (`aitraining prune --layers`); the tables before "
+                         "2026-11-29's sixth session used even")
+    ap.add_argument("--work", default=str(HERE / ".work" / "quality-measured"), help="runs and teacher answers (reused)")
     ap.add_argument("--out", default=str(HERE / "results" / "quality.json"))
     ap.add_argument("--quick", action="store_true", help="tiny models, 12 + 6 prompts, one epoch: for the tests")
     ap.add_argument("--only-finished", action="store_true",

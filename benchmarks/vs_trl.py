@@ -134,7 +134,7 @@ def main() -> None:
         heldout_prompts = read_prompts(HELDOUT_PROMPTS)[-4:]
     else:
         teacher = bundled_teacher_folder()
-        student = pruned_student(teacher, work / "student-8-layers")
+        student = pruned_student(teacher, work / "student-8-layers", layers="even")
         heldout_prompts = read_prompts(HELDOUT_PROMPTS)[-N_HELDOUT:]
     prompts = read_prompts(TRAIN_PROMPTS)[: args.prompts]
     answers = teacher_answers(teacher, prompts, work / "answers-train.json", args.max_new_tokens, 16)

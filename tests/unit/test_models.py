@@ -30,7 +30,7 @@ from aitraining.models import (
 def _logits(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
     """Logits of ``model`` for a batch of token ids, without gradients."""
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(input_ids=ids, use_cache=False).logits
 
 
 def _prompt_ids(tokenizer_dir: str) -> torch.Tensor:
@@ -381,6 +381,65 @@ def test_depth_prune_slices_layer_types(tmp_path: Path) -> None:
     torch.testing.assert_close(_logits(reloaded, ids), _logits(pruned, ids), rtol=0, atol=0)
 
 
+def test_layers_swapped_in_place_give_the_pruned_model(tiny6_dir: str) -> None:
+    """choose_layers measures a pruned model by swapping layers in place: exactly the model depth_prune builds,
+    with sliding-window layer types sliced too, and the model restored afterwards."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from aitraining.models import _answer_log_probs, _Calibration, _kl_without, _kls_without_each, _only_layers
+
+    config = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
+                         num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                         layer_types=["full_attention", "sliding_attention"] * 2 + ["full_attention"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        qwen = Qwen2ForCausalLM(config).eval()
+    for model, kept, ids in ((load_causal_lm(tiny6_dir), [0, 3, 5], _prompt_ids(tiny6_dir)),
+                             (qwen, [1, 2, 4], torch.arange(3, 23).unsqueeze(0))):
+        whole = _logits(model, ids)
+        with _only_layers(model, kept):
+            swapped = _logits(model, ids)
+        torch.testing.assert_close(swapped, _logits(depth_prune(model, len(kept), kept=kept), ids), rtol=0, atol=0)
+        assert not torch.equal(swapped, whole)
+        torch.testing.assert_close(_logits(model, ids), whole, rtol=0, atol=0)
+        # Each trial of choose_layers starts from the state entering the dropped layer: the same as running the
+        # whole pruned stack.
+        cal = _Calibration(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool), torch.empty(0))
+        cal.reference = _answer_log_probs(model, cal)
+        direct = [_kl_without(model, cal, [k for k in kept if k != j]) for j in kept]
+        assert _kls_without_each(model, cal, kept, lambda: None) == pytest.approx(direct, rel=1e-5, abs=1e-7)
+        assert len(set(direct)) == len(kept)
+    assert qwen.config.num_hidden_layers == 5 and len(qwen.config.layer_types) == 5
+
+
+def test_choose_layers_drops_the_layers_that_do_nothing(tiny6_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers 1, 2 and 4 write nothing into the residual stream: keeping 3 must keep 0, 3 and 5 (evenly spaced
+    layers would be 0, 2, 5), and the pruned model then answers exactly as the whole one."""
+    from aitraining import models as models_module
+    from aitraining.models import choose_layers
+
+    model = load_causal_lm(tiny6_dir)
+    for i in (1, 2, 4):
+        torch.nn.init.zeros_(model.model.layers[i].self_attn.o_proj.weight)
+        torch.nn.init.zeros_(model.model.layers[i].mlp.down_proj.weight)
+    tokenizer = AutoTokenizer.from_pretrained(tiny6_dir)
+    seen = []
+    real = models_module._calibration
+
+    def calibration(*args: Any, **kwargs: Any) -> Any:
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(models_module, "_calibration", calibration)
+    choice = choose_layers(model, tokenizer, 3, prompts=["Name a colour.", "Hi"], max_new_tokens=6)
+    # The model answered the prompts themselves, in its chat template.
+    texts = tokenizer.batch_decode(seen[0].input_ids)
+    assert "user\nName a colour.<|im_end|>" in texts[0] and "user\nHi<|im_end|>" in texts[1]
+    assert choice.kept == [0, 3, 5]
+    assert choice.kl == pytest.approx(0, abs=1e-6) and choice.even_kl > 1e-4
+    assert 0 < choice.tokens <= 12
+
+
 def test_depth_prune_bundled_teacher(smol_teacher_dir: str) -> None:
     teacher = load_causal_lm(smol_teacher_dir)
     student = depth_prune(teacher, 8)
@@ -397,14 +456,19 @@ def test_depth_prune_bundled_teacher(smol_teacher_dir: str) -> None:
 
 def test_prune_to_folder(tiny6_dir: str, tmp_path: Path) -> None:
     output = tmp_path / "student"
-    assert prune_to_folder(tiny6_dir, 2, str(output)) == str(output)
+    assert prune_to_folder(tiny6_dir, 2, str(output), layers="even") == str(output)
 
     model = AutoModelForCausalLM.from_pretrained(str(output))
     assert model.config.num_hidden_layers == 2
     assert AutoTokenizer.from_pretrained(str(output)).chat_template
     assert any(output.glob("*.safetensors"))
     readme = (output / "README.md").read_text(encoding="utf-8")
-    assert tiny6_dir in readme and "layers 0, 5" in readme and "distillation" in readme
+    assert tiny6_dir in readme and "layers 0, 5" in readme and "evenly spaced" in readme and "distillation" in readme
+
+    measured = tmp_path / "measured"
+    prune_to_folder(tiny6_dir, 2, str(measured))  # the default: layers chosen by measurement
+    assert AutoModelForCausalLM.from_pretrained(str(measured)).config.num_hidden_layers == 2
+    assert "chosen by measurement: KL(original || pruned)" in (measured / "README.md").read_text(encoding="utf-8")
 
 
 def test_prune_to_folder_refuses_non_empty_output(tiny6_dir: str, tmp_path: Path) -> None:
@@ -421,6 +485,23 @@ def test_prune_to_folder_refuses_non_empty_output(tiny6_dir: str, tmp_path: Path
     assert (output / "keep.txt").exists()
     assert not (output / "model-00001-of-00009.safetensors").exists()
     assert AutoModelForCausalLM.from_pretrained(str(output)).config.num_hidden_layers == 3
+
+
+def test_prune_keeps_the_layers_given(tiny6_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aitraining.cli import main
+
+    output = tmp_path / "given"
+    assert main(["prune", "--model", tiny6_dir, "--num-layers", "3", "--layers", "5,0,3", "--output", str(output)]) == 0
+    student, teacher = load_causal_lm(str(output)), load_causal_lm(tiny6_dir)
+    assert torch.equal(student.model.layers[1].mlp.down_proj.weight, teacher.model.layers[3].mlp.down_proj.weight)
+    assert "layers 0, 3, 5 (0-based), as given to `aitraining prune --layers`" in (output / "README.md").read_text()
+    capsys.readouterr()
+    for bad in ("0,3", "0,3,3", "0,3,6", "first,3,5"):
+        assert main(["prune", "--model", tiny6_dir, "--num-layers", "3", "--layers", bad, "--output",
+                     str(tmp_path / "bad")]) == 2
+        err = [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("Loading weights")]
+        assert len(err) == 1 and err[0].startswith("aitraining: error: --layers: ") and bad in err[0], err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_prune_to_folder_refuses_file_output(tiny6_dir: str, tmp_path: Path) -> None:
