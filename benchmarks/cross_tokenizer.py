@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from _measure import describe_machine, format_table, measure_command, utc_now_iso, write_json  # noqa: E402
-from quality import setup, teacher_answers, write_jsonl  # noqa: E402
+from quality import same_command, setup, teacher_answers, write_jsonl  # noqa: E402
 
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sequence": ("the teacher's answers as text (--distill-mode sequence)", ("--distill-mode", "sequence")),
@@ -63,7 +63,7 @@ def train_arm(arm: str, seed: int, student: str, teacher: str, data: str, work: 
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(seed), "--warmup-ratio", "0.1",
             "--logging-steps", "10", "--distill-max-teacher-length", str(args.max_new_tokens + 1), *ARMS[arm][1]]
     record = project / "bench.json"
-    if record.exists() and json.loads(record.read_text()).get("argv") == argv:
+    if record.exists() and same_command(json.loads(record.read_text()).get("argv"), argv):
         return json.loads(record.read_text())
     shutil.rmtree(project, ignore_errors=True)
     print(f"training {arm} (seed {seed}) ...", flush=True)

@@ -5,7 +5,8 @@
     python benchmarks/quality.py --quick --out /tmp/q.json   # tiny models, a minute (what the tests run)
 
 Setup (the issue's): the bundled teacher (SmolLM2-135M-Instruct), a student of 8 of its 30 layers
-(`aitraining prune`); training prompts: benchmarks/data/self_instruct_seed_prompts.jsonl (175); held out: the
+(`aitraining prune`: the layers it measures, 0, 1, 8, 11, 21, 24, 27, 29; `--student-layers even --work
+benchmarks/.work/quality` for the evenly spaced student of the earlier tables); training prompts: benchmarks/data/self_instruct_seed_prompts.jsonl (175); held out: the
 last 100 rows of benchmarks/data/user_oriented_prompts.jsonl. The teacher answers every prompt once, greedily,
 in float32 (at most --max-new-tokens tokens); every arm trains on the same (prompt, teacher answer) rows with
 the same epochs, batch size, learning rate, schedule and seed, through the `aitraining` command line:
@@ -123,12 +124,20 @@ def train_argv(arm: str, student: str, teacher: str, data: str, project: Path, s
             "--distill-max-teacher-length", str(args.max_new_tokens + 1), *ARMS[arm][1]]
 
 
+def same_command(saved: list[str] | None, argv: list[str]) -> bool:
+    """Whether a recorded training command is this one, paths compared absolute (`--work` given relative or not)."""
+    def absolute(command: list[str]) -> list[str]:
+        return [os.path.abspath(x) if os.path.exists(x) else x for x in command]
+
+    return saved is not None and absolute(saved) == absolute(argv)
+
+
 def finished(arm: str, seed: int, student: str, teacher: str, data: str, work: Path, args: argparse.Namespace) -> bool:
     """Whether this (arm, seed) already has a finished run of the same command (that `train_arm` would reuse)."""
     project = work / "runs" / f"{arm}-seed{seed}"
     record = project / "bench.json"
-    return record.exists() and json.loads(record.read_text()).get("argv") == train_argv(arm, student, teacher, data, project,
-                                                                                         seed, args)
+    return record.exists() and same_command(json.loads(record.read_text()).get("argv"),
+                                            train_argv(arm, student, teacher, data, project, seed, args))
 
 
 def train_arm(arm: str, seed: int, student: str, teacher: str, data: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -138,7 +147,7 @@ def train_arm(arm: str, seed: int, student: str, teacher: str, data: str, work: 
     record = project / "bench.json"
     if record.exists():
         saved = json.loads(record.read_text())
-        if saved.get("argv") == argv:
+        if same_command(saved.get("argv"), argv):
             return saved
     shutil.rmtree(project, ignore_errors=True)
     print(f"training {arm} (seed {seed}) ...", flush=True)

@@ -51,7 +51,8 @@ def main() -> int:
     if not os.path.exists(os.path.join(student, "config.json")):
         print("[1/4] a student with another tokenizer: 8 layers of the teacher, given Llama 2's tokenizer")
         if not os.path.exists(os.path.join(cut, "config.json")):
-            models.prune_to_folder(teacher, 8, cut, overwrite=True)
+            # Evenly spaced, as in benchmarks/cross_tokenizer.py (whose figures the README quotes).
+            models.prune_to_folder(teacher, 8, cut, overwrite=True, layers="even")
         models.transplant_to_folder(cut, str(default_dest() / "ggml-vocab-llama-spm.gguf"), student, overwrite=True)
     rows = [json.loads(x) for x in open(os.path.join(HERE, "prompts.jsonl"), encoding="utf-8") if x.strip()]
     random.Random(0).shuffle(rows)
