@@ -11,7 +11,8 @@ SIGKILL, aimed at a phase:
 
 - `teacher`: once the teacher has written a random number of its responses (generation and cache writing);
 - `training`: a random moment after the first metrics line;
-- `checkpoint`: a random moment (0-40 ms) after a new `checkpoint-*` folder appears, i.e. while it is written;
+- `checkpoint`: a random moment (0-40 ms) after a new `checkpoint-*.tmp` folder appears, if it is still being
+  written then (otherwise at the next checkpoint);
 - `anywhere`: a random moment of the reference's wall time.
 
 and reruns the same command (with `--resume-from-checkpoint latest` once a checkpoint exists) until it finishes,
@@ -93,9 +94,16 @@ def wait_and_kill(proc: subprocess.Popen, project: Path, phase: str, rng: random
                 deadline = now + rng.uniform(0.0, 3.0)
             if now >= deadline:
                 break
-        if phase == "checkpoint" and {p.name for p in project.glob("checkpoint-*")} - known:
-            time.sleep(rng.uniform(0.0, 0.04))  # a checkpoint is being written (whatever it is called meanwhile)
-            break
+        writing = [p for p in project.glob("checkpoint-*.tmp") if p.name not in known] if phase == "checkpoint" else []
+        if writing:
+            # A checkpoint is being written: kill at a random moment of its writing. A small one can be written in
+            # less than the moment drawn; then wait for the next one rather than kill in training.
+            until = now + rng.uniform(0.0, 0.04)
+            while time.time() < until and writing[0].exists():
+                time.sleep(0.0005)
+            if writing[0].exists():
+                break
+            known.add(writing[0].name)
         time.sleep(0.002)
     if proc.poll() is not None:
         return False
