@@ -397,6 +397,15 @@ def kept_layer_indices(total: int, num_layers: int) -> list[int]:
     return indices
 
 
+def _keep_config_layers(config: PretrainedConfig, kept: Sequence[int], total: int) -> None:
+    """Shrink ``config`` to the layers ``kept``: ``num_hidden_layers`` and every per-layer entry."""
+    for key in _PER_LAYER_CONFIG_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)) and len(value) == total:
+            setattr(config, key, type(value)(value[i] for i in kept))
+    config.num_hidden_layers = len(kept)
+
+
 def depth_prune(model: PreTrainedModel, num_layers: int, *, kept: Sequence[int] | None = None) -> PreTrainedModel:
     """Keep ``num_layers`` decoder layers of a Llama-like model: those in ``kept`` (see `choose_layers`), or
     by default evenly spaced, ``round(linspace(0, L - 1, num_layers))``, first and last included.
@@ -417,10 +426,7 @@ def depth_prune(model: PreTrainedModel, num_layers: int, *, kept: Sequence[int] 
     new_index = {old: new for new, old in enumerate(kept)}
 
     config = _clean_config(model.config)
-    for key, value in list(vars(config).items()):
-        if key in _PER_LAYER_CONFIG_KEYS and isinstance(value, (list, tuple)) and len(value) == total:
-            setattr(config, key, type(value)(value[i] for i in kept))
-    config.num_hidden_layers = num_layers
+    _keep_config_layers(config, kept, total)
 
     layer_prefix = prefix + "."
 
@@ -484,10 +490,7 @@ def _only_layers(model: PreTrainedModel, kept: Sequence[int]) -> Iterator[None]:
     config = model.config
     saved = {key: getattr(config, key) for key in (*_PER_LAYER_CONFIG_KEYS, "num_hidden_layers") if hasattr(config, key)}
     model.model.layers = nn.ModuleList([layers[i] for i in kept])
-    for key, value in saved.items():
-        if key in _PER_LAYER_CONFIG_KEYS and isinstance(value, (list, tuple)) and len(value) == len(layers):
-            setattr(config, key, type(value)(value[i] for i in kept))
-    config.num_hidden_layers = len(kept)
+    _keep_config_layers(config, kept, len(layers))
     try:
         yield
     finally:
