@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import logging
 import os
@@ -180,9 +181,10 @@ def load_tokenizer(
     else:
         source = resolve_model_source(name, flag=flag)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source.folder, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code, token=token
-        )
+        with gguf_parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(
+                source.folder, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code, token=token
+            )
     except (OSError, ValueError, KeyError) as error:
         raise _load_error(flag, name, "a tokenizer", error) from error
     if tokenizer.pad_token is None:
@@ -249,12 +251,56 @@ def load_causal_lm(
     elif (source.is_local and _has_safetensors(source.folder)) or (not source.is_local and not allow_pickle):
         kwargs["use_safetensors"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
+        with gguf_parsed_once():
+            model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         raise _load_error(flag, name, "a causal language model", error) from error
+    finally:
+        _GGUF_READERS.clear()  # the weights are the last thing read from a .gguf: let its parsed metadata go
     if source.gguf_file is not None:
         model = materialize(model)
     return model
+
+
+# Note [Reading a GGUF once]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~
+# transformers reads a .gguf's metadata (for the bundled teacher, a 49,152-entry vocabulary and its merges, one
+# Python object per entry) every time it needs anything from the file: for the config (our size check of a
+# teacher, and again inside the model's load), for the tokenizer and for the weights; and while it maps the
+# weights it rebuilds gguf's table of tensor names once per submodule (397 times for SmolLM2). Measured on the
+# bundled teacher: 19 s to load the model, of which about 9 s is reading the metadata twice, 6 s the name table
+# and 2 s dequantizing; 6 s more for its tokenizer. Within `gguf_parsed_once` the file is read once (the reader
+# is kept, keyed by path, size and modification time, until `load_causal_lm` has the weights) and the name table
+# built once per (architecture, depth). Both are read-only to transformers, so the weights are the same to the
+# bit (test_models.py: test_materialize_gguf_round_trip loads the file both ways).
+_GGUF_READERS: dict[tuple[str, int, int], Any] = {}
+
+
+@contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """Within this block, gguf's reader and tensor-name table are built once per file (Note [Reading a GGUF once])."""
+    try:
+        import gguf
+    except ImportError:  # no gguf package: transformers cannot read a .gguf either, and says so
+        yield
+        return
+    real_reader, real_names = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:  # another mode than read-only: not ours to share
+            return real_reader(path, *args, **kwargs)
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _GGUF_READERS:
+            _GGUF_READERS.clear()  # one file at a time: a vocabulary's parsed entries are not small
+            _GGUF_READERS[key] = real_reader(path)
+        return _GGUF_READERS[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_names)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_names
 
 
 def _quiet_gguf_dtype_advice(record: logging.LogRecord) -> bool:
@@ -682,14 +728,14 @@ def _output_folder(output: str, overwrite: bool) -> Path:
 def save_model_folder(name: str, folder: str) -> str:
     """A model (folder, .gguf file or hub id) saved with its tokenizer as a plain safetensors folder, written
     aside and renamed into place (an interrupted save leaves nothing half-written). For a GGUF file this is the
-    dequantizing done once: transformers dequantizes it again at every load (about 15 s for the bundled teacher),
-    where the folder loads in a second."""
+    dequantizing done once: a .gguf is read and dequantized again at every load (about 10 s for the bundled
+    teacher's tokenizer and weights, Note [Reading a GGUF once]), where the folder loads in a second."""
     import shutil
 
     aside = folder.rstrip(os.sep) + ".tmp"
     shutil.rmtree(aside, ignore_errors=True)
+    load_tokenizer(name).save_pretrained(aside)  # first: the model's load ends the file's one reading
     load_causal_lm(name).save_pretrained(aside)
-    load_tokenizer(name).save_pretrained(aside)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(aside, folder)
     return folder

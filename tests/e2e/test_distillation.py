@@ -578,13 +578,13 @@ def test_bundled_teacher_prune_then_distill(bundled_gguf, smol_teacher_dir, shar
     """The real thing, small, at the defaults (the cached signal): an 8-layer student cut from the bundled
     SmolLM2 teacher, distilled from the GGUF file itself on 8 real prompts, ends closer to its teacher on 3 held-out
     ones (exact KL at T = 1, the float32 teacher: the same weights as a folder, which loads without the GGUF's
-    15 s of dequantizing) than it started."""
+    reading and dequantizing) than it started."""
     from transformers import AutoModelForCausalLM
 
     from aitraining.evaluate import TeacherReference
 
     student = tmp_path / "student"
-    # Cut from the same weights as a folder (the GGUF's dequantizing costs 15 s; the teacher below is the GGUF), evenly
+    # Cut from the same weights as a folder (the GGUF's reading costs seconds; the teacher below is the GGUF), evenly
     # spaced: measuring which layers to keep takes minutes on a CPU (tests/unit/test_models.py tests it).
     assert main(["prune", "--model", smol_teacher_dir, "--num-layers", "8", "--layers", "even", "--output", str(student)]) == 0
     lines = (shared_data / "self_instruct_seed_prompts.jsonl").read_text().splitlines()

@@ -251,6 +251,7 @@ def test_load_causal_lm_gguf_is_saveable(tmp_path: Path) -> None:
     model.save_pretrained(str(tmp_path / "saved"))
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))
     torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=0, atol=0)
+
     # The folder now holds one gguf, so it resolves too.
     assert load_causal_lm(str(tmp_path)).config.num_hidden_layers == 3
 
@@ -283,6 +284,15 @@ def test_materialize_gguf_round_trip(bundled_gguf: str, smol_tokenizer_dir: str,
     model.save_pretrained(str(tmp_path / "saved"))
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))
     torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=0, atol=0)
+
+    # Our loader reads the file once and shares gguf's name table (Note [Reading a GGUF once]): the same weights to
+    # the bit as transformers' own reading above, and gguf is left as it was.
+    import gguf
+
+    ours = load_causal_lm(bundled_gguf).state_dict()
+    plain = model.state_dict()
+    assert ours.keys() == plain.keys() and all(torch.equal(ours[k], plain[k]) for k in plain)
+    assert isinstance(gguf.GGUFReader, type) and not hasattr(gguf.get_tensor_name_map, "cache_info")
 
 
 def test_smol_teacher_dir_matches_bundled_config(smol_teacher_dir: str) -> None:
@@ -454,7 +464,7 @@ def test_depth_prune_bundled_teacher(smol_teacher_dir: str) -> None:
     assert generated.shape[1] == ids.shape[1] + 3
 
 
-def test_prune_to_folder(tiny6_dir: str, tmp_path: Path) -> None:
+def test_prune_to_folder(tiny6_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     output = tmp_path / "student"
     assert prune_to_folder(tiny6_dir, 2, str(output), layers="even") == str(output)
 
@@ -465,6 +475,10 @@ def test_prune_to_folder(tiny6_dir: str, tmp_path: Path) -> None:
     readme = (output / "README.md").read_text(encoding="utf-8")
     assert tiny6_dir in readme and "layers 0, 5" in readme and "evenly spaced" in readme and "distillation" in readme
 
+    from aitraining import models as models_module
+
+    real = models_module.choose_layers  # measured on two short answers (the 16 prompts cost seconds of a CPU)
+    monkeypatch.setattr(models_module, "choose_layers", lambda *a: real(*a, prompts=["Hi", "Name a colour."], max_new_tokens=6))
     measured = tmp_path / "measured"
     prune_to_folder(tiny6_dir, 2, str(measured))  # the default: layers chosen by measurement
     assert AutoModelForCausalLM.from_pretrained(str(measured)).config.num_hidden_layers == 2
@@ -476,12 +490,12 @@ def test_prune_to_folder_refuses_non_empty_output(tiny6_dir: str, tmp_path: Path
     output.mkdir()
     (output / "keep.txt").write_text("user data", encoding="utf-8")
     with pytest.raises(UserError) as caught:
-        prune_to_folder(tiny6_dir, 2, str(output))
+        prune_to_folder(tiny6_dir, 2, str(output))  # refused before any layer is measured
     assert "--output" in str(caught.value) and "--overwrite" in str(caught.value)
 
     # With overwrite, stale weights go but unrelated files stay.
     (output / "model-00001-of-00009.safetensors").write_bytes(b"stale")
-    prune_to_folder(tiny6_dir, 3, str(output), overwrite=True)
+    prune_to_folder(tiny6_dir, 3, str(output), overwrite=True, layers="even")  # the folder is the point here
     assert (output / "keep.txt").exists()
     assert not (output / "model-00001-of-00009.safetensors").exists()
     assert AutoModelForCausalLM.from_pretrained(str(output)).config.num_hidden_layers == 3
