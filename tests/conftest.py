@@ -18,6 +18,16 @@ import pytest
 import torch
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs two workers), each worker and every process its tests start compute on
+    one thread: the tests' models are tiny, so a second thread buys little (64 against 70 s for
+    test_distillation.py alone), while two workers of two threads each on two cores wait on each other at every
+    small op (the same file took 291 s beside one two-thread run)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def _cache_root() -> Path:
     """Folder holding cross-session test caches."""
     override = os.environ.get("AITRAINING_TEST_CACHE")
