@@ -85,6 +85,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--max-new-tokens", type=int, default=64, help="longest teacher answer, in teacher tokens")
+    ap.add_argument("--student-layers", choices=["even", "measured"], default="even",
+                    help="which 8 of the teacher's layers the student keeps before its tokenizer is changed "
+                         "(`aitraining prune --layers`; the published table: even)")
     ap.add_argument("--work", default=str(HERE / ".work" / "cross_tokenizer"))
     ap.add_argument("--out", default=str(HERE / "results" / "cross_tokenizer.json"))
     ap.add_argument("--quick", action="store_true", help="tiny models, 12 + 6 prompts, one epoch: for the tests")
@@ -148,7 +151,7 @@ def main() -> None:
               "setup": {"quick": args.quick, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                         "seeds": args.seeds, "max_new_tokens": args.max_new_tokens,
                         "teacher": "tiny Llama (SmolLM2 tokenizer)" if args.quick else "SmolLM2-135M-Instruct (bundled)",
-                        "student": ("tiny Llama" if args.quick else "8 of the teacher's 30 layers")
+                        "student": ("tiny Llama" if args.quick else f"8 of the teacher's 30 layers ({args.student_layers})")
                                    + " with Llama 2's tokenizer (aitraining transplant)",
                         "judge": "per-byte NLL of the teacher's held-out answers minus the teacher's; ROUGE-L"},
               "untrained_student": {k: v for k, v in untrained.items() if k != "samples"},
