@@ -34,7 +34,16 @@ sys.path.insert(0, str(HERE))
 
 from _measure import describe_machine, format_table, measure_command, safe_ratio, utc_now_iso, write_json  # noqa: E402
 from _setup import bundled_teacher_folder, pruned_student, tiny_models  # noqa: E402
-from quality import HELDOUT_PROMPTS, N_HELDOUT, TRAIN_PROMPTS, make_judge, read_prompts, teacher_answers, write_jsonl  # noqa: E402
+from quality import (  # noqa: E402
+    HELDOUT_PROMPTS,
+    N_HELDOUT,
+    STUDENT_FOLDER,
+    TRAIN_PROMPTS,
+    make_judge,
+    read_prompts,
+    teacher_answers,
+    write_jsonl,
+)
 
 TRL_VERSION = "1.16.0"
 
@@ -120,6 +129,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--trl-bf16", action="store_true", help="TRL in bfloat16 autocast (default: its float32)")
     ap.add_argument("--trl-venv", default=str(HERE / ".work" / "trl-venv"))
+    ap.add_argument("--student-layers", choices=list(STUDENT_FOLDER), default="even",
+                    help="which 8 of the teacher's layers the student keeps (`aitraining prune --layers`; the "
+                         "published table: even)")
     ap.add_argument("--work", default=str(HERE / ".work" / "vs_trl"))
     ap.add_argument("--out", default=str(HERE / "results" / "vs_trl.json"))
     ap.add_argument("--quick", action="store_true", help="tiny models; TRL only if its venv already exists")
@@ -134,7 +146,7 @@ def main() -> None:
         heldout_prompts = read_prompts(HELDOUT_PROMPTS)[-4:]
     else:
         teacher = bundled_teacher_folder()
-        student = pruned_student(teacher, work / "student-8-layers", layers="even")
+        student = pruned_student(teacher, work / STUDENT_FOLDER[args.student_layers], layers=args.student_layers)
         heldout_prompts = read_prompts(HELDOUT_PROMPTS)[-N_HELDOUT:]
     prompts = read_prompts(TRAIN_PROMPTS)[: args.prompts]
     answers = teacher_answers(teacher, prompts, work / "answers-train.json", args.max_new_tokens, 16)
@@ -163,6 +175,7 @@ def main() -> None:
                   "lr": args.lr, "max_new_tokens": args.max_new_tokens, "trl": TRL_VERSION,
                   "trl_config": "GKDTrainer, lmbda 0 (off-policy), beta 0 (forward KL), loss at T = 1, pure KD",
                   "ours": "aitraining defaults: cache, T = 3, alpha = 0.7",
+                  "student": "tiny Llama" if args.quick else f"8 of the teacher's 30 layers ({args.student_layers})",
                   "heldout": f"last {len(heldout_prompts)} of {HELDOUT_PROMPTS.name}"},
         "ours": ours,
         "trl": trl,
