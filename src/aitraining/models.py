@@ -255,8 +255,6 @@ def load_causal_lm(
             model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         raise _load_error(flag, name, "a causal language model", error) from error
-    finally:
-        _GGUF_READERS.clear()  # the weights are the last thing read from a .gguf: let its parsed metadata go
     if source.gguf_file is not None:
         model = materialize(model)
     return model
@@ -269,11 +267,15 @@ def load_causal_lm(
 # teacher, and again inside the model's load), for the tokenizer and for the weights; and while it maps the
 # weights it rebuilds gguf's table of tensor names once per submodule (397 times for SmolLM2). Measured on the
 # bundled teacher: 19 s to load the model, of which about 9 s is reading the metadata twice, 6 s the name table
-# and 2 s dequantizing; 6 s more for its tokenizer. Within `gguf_parsed_once` the file is read once (the reader
-# is kept, keyed by path, size and modification time, until `load_causal_lm` has the weights) and the name table
-# built once per (architecture, depth). Both are read-only to transformers, so the weights are the same to the
-# bit (test_models.py: test_materialize_gguf_round_trip loads the file both ways).
+# and 2 s dequantizing; 6 s more for its tokenizer. Within a `gguf_parsed_once` block the file is read once (the
+# reader is kept, keyed by path, size and modification time, until the outermost block ends: a parsed vocabulary
+# is one Python object per entry, so it is not kept past the loading) and the name table built once per
+# (architecture, depth). Every load of a .gguf runs in such a block; loading a tokenizer and then its model in one
+# outer block (`gguf_parsed_once` nests) reads the file once for both. Reader and table are read-only to
+# transformers, so the weights are the same to the bit (test_models.py: test_materialize_gguf_round_trip loads
+# the file both ways).
 _GGUF_READERS: dict[tuple[str, int, int], Any] = {}
+_GGUF_BLOCKS = [0]  # how deep in `gguf_parsed_once` blocks this process is
 
 
 @contextlib.contextmanager
@@ -284,6 +286,13 @@ def gguf_parsed_once() -> Iterator[None]:
     except ImportError:  # no gguf package: transformers cannot read a .gguf either, and says so
         yield
         return
+    if _GGUF_BLOCKS[0]:  # an outer block is reading already
+        _GGUF_BLOCKS[0] += 1
+        try:
+            yield
+        finally:
+            _GGUF_BLOCKS[0] -= 1
+        return
     real_reader, real_names = gguf.GGUFReader, gguf.get_tensor_name_map
 
     def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
@@ -292,14 +301,16 @@ def gguf_parsed_once() -> Iterator[None]:
         stat = os.stat(path)
         key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
         if key not in _GGUF_READERS:
-            _GGUF_READERS.clear()  # one file at a time: a vocabulary's parsed entries are not small
             _GGUF_READERS[key] = real_reader(path)
         return _GGUF_READERS[key]
 
     gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_names)
+    _GGUF_BLOCKS[0] = 1
     try:
         yield
     finally:
+        _GGUF_BLOCKS[0] = 0
+        _GGUF_READERS.clear()
         gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_names
 
 
@@ -734,8 +745,9 @@ def save_model_folder(name: str, folder: str) -> str:
 
     aside = folder.rstrip(os.sep) + ".tmp"
     shutil.rmtree(aside, ignore_errors=True)
-    load_tokenizer(name).save_pretrained(aside)  # first: the model's load ends the file's one reading
-    load_causal_lm(name).save_pretrained(aside)
+    with gguf_parsed_once():  # a .gguf is read once for both
+        load_tokenizer(name).save_pretrained(aside)
+        load_causal_lm(name).save_pretrained(aside)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(aside, folder)
     return folder
@@ -773,8 +785,9 @@ def prune_to_folder(
     """
     out = _output_folder(output, overwrite)
 
-    tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code, token=token)
-    model = load_causal_lm(model_name, trust_remote_code=trust_remote_code, token=token, allow_pickle=allow_pickle)
+    with gguf_parsed_once():  # a .gguf is read once for both
+        tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code, token=token)
+        model = load_causal_lm(model_name, trust_remote_code=trust_remote_code, token=token, allow_pickle=allow_pickle)
     total = len(_decoder_layers(model)[1])
     kept = kept_layer_indices(total, num_layers)  # evenly spaced; and the range check, before any measuring
     if layers not in ("measured", "even"):

@@ -256,6 +256,29 @@ def test_load_causal_lm_gguf_is_saveable(tmp_path: Path) -> None:
     assert load_causal_lm(str(tmp_path)).config.num_hidden_layers == 3
 
 
+def test_a_gguf_is_read_once_per_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers reads a .gguf for the config and again for the weights; our loads read it once, nested blocks
+    share the reading, and nothing is kept after the outermost one (Note [Reading a GGUF once])."""
+    import gguf
+
+    from aitraining import models as models_module
+
+    gguf_path = str(_write_tiny_gguf(tmp_path / "tiny.gguf"))
+    real, reads = gguf.GGUFReader, []
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
+    AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
+    assert len(reads) == 2  # what the block saves: transformers' own load reads the file twice
+    reads.clear()
+    load_causal_lm(gguf_path)
+    assert len(reads) == 1 and not models_module._GGUF_READERS
+    reads.clear()
+    with models_module.gguf_parsed_once():
+        load_causal_lm(gguf_path)
+        load_causal_lm(gguf_path)
+        assert len(models_module._GGUF_READERS) == 1
+    assert len(reads) == 1 and not models_module._GGUF_READERS
+
+
 def test_depth_prune_of_gguf_model_is_saveable(tmp_path: Path) -> None:
     _write_tiny_gguf(tmp_path / "tiny.gguf")
     quantized = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
@@ -289,10 +312,13 @@ def test_materialize_gguf_round_trip(bundled_gguf: str, smol_tokenizer_dir: str,
     # the bit as transformers' own reading above, and gguf is left as it was.
     import gguf
 
+    from aitraining import models as models_module
+
     ours = load_causal_lm(bundled_gguf).state_dict()
     plain = model.state_dict()
     assert ours.keys() == plain.keys() and all(torch.equal(ours[k], plain[k]) for k in plain)
     assert isinstance(gguf.GGUFReader, type) and not hasattr(gguf.get_tensor_name_map, "cache_info")
+    assert not models_module._GGUF_READERS  # the parsed vocabulary is not kept past the loading
 
 
 def test_smol_teacher_dir_matches_bundled_config(smol_teacher_dir: str) -> None:
