@@ -1,7 +1,7 @@
 """`make demo`: what distillation buys, on the bundled SmolLM2-135M-Instruct teacher and an 8-layer student of it.
 
 1. the bundled teacher (a GGUF file) as a float32 model folder, once: a GGUF file is read and dequantized at every
-   load (about 10 s here), and the demo loads the teacher four times; then cut a student from it: the 8 of its 30
+   load (about 5 s here), and the demo loads the teacher four times; then cut a student from it: the 8 of its 30
    layers that `aitraining prune` chooses by measurement for this teacher (MEASURED_LAYERS: the choice takes
    about 4 minutes on two cores, so the demo passes the result, as `aitraining prune --layers 0,1,...` does);
 2. distill with `--compare-baseline`: the teacher answers the example prompts once (cached) and the student

@@ -1,6 +1,6 @@
 """Shared, session-scoped fixtures: the bundled SmolLM2 teacher and tiny Llama students built from it.
 
-Loading the bundled ``.gguf`` costs about 10 s (tokenizer and weights), so what is derived from it (its tokenizer, a plain HF copy of
+Loading the bundled ``.gguf`` costs about 5 s (tokenizer and weights), so what is derived from it (its tokenizer, a plain HF copy of
 the model) is built once and also cached across sessions under ``~/.cache/aitraining-tests`` (override
 with ``AITRAINING_TEST_CACHE``), keyed by the gguf's size and mtime so a new package version rebuilds it.
 """
