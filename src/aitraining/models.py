@@ -275,8 +275,7 @@ def load_causal_lm(
 # outer block (`gguf_parsed_once` nests) reads the file once for both. Reader and table are read-only to
 # transformers, so the weights are the same to the bit (test_models.py: test_materialize_gguf_round_trip loads
 # the file both ways).
-_GGUF_READERS: dict[tuple[str, int, int], Any] = {}
-_GGUF_BLOCKS = [0]  # how deep in `gguf_parsed_once` blocks this process is
+_GGUF_READERS: dict[tuple[str, int, int], Any] | None = None  # a dict only inside the outermost block
 
 
 @contextlib.contextmanager
@@ -287,13 +286,11 @@ def gguf_parsed_once() -> Iterator[None]:
     except ImportError:  # no gguf package: transformers cannot read a .gguf either, and says so
         yield
         return
-    if _GGUF_BLOCKS[0]:  # an outer block is reading already
-        _GGUF_BLOCKS[0] += 1
-        try:
-            yield
-        finally:
-            _GGUF_BLOCKS[0] -= 1
+    global _GGUF_READERS
+    if _GGUF_READERS is not None:  # an outer block is reading already
+        yield
         return
+    readers: dict[tuple[str, int, int], Any] = {}
     real_reader, real_names = gguf.GGUFReader, gguf.get_tensor_name_map
 
     def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
@@ -301,17 +298,16 @@ def gguf_parsed_once() -> Iterator[None]:
             return real_reader(path, *args, **kwargs)
         stat = os.stat(path)
         key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
-        if key not in _GGUF_READERS:
-            _GGUF_READERS[key] = real_reader(path)
-        return _GGUF_READERS[key]
+        if key not in readers:
+            readers[key] = real_reader(path)
+        return readers[key]
 
     gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_names)
-    _GGUF_BLOCKS[0] = 1
+    _GGUF_READERS = readers
     try:
         yield
     finally:
-        _GGUF_BLOCKS[0] = 0
-        _GGUF_READERS.clear()
+        _GGUF_READERS = None
         gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_names
 
 

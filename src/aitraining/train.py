@@ -638,8 +638,7 @@ def _parameter_count(name: str, params: LLMTrainingParams) -> int | None:
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     try:
-        with models.gguf_parsed_once():
-            config = AutoConfig.from_pretrained(source.folder, **kwargs)
+        config = AutoConfig.from_pretrained(source.folder, **kwargs)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=params.trust_remote_code)
     except Exception:  # advice only: a model we cannot size is no error
