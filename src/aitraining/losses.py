@@ -47,7 +47,11 @@ ratio is capped at 50 so that a token the student overweights by orders of magni
 Systematic sampling keeps every expectation and spreads the draws evenly (lower variance than independent
 draws).
 
-The other divergences are not linear in the teacher's distribution, so for them (and when m = 0, or at a
+Skew KL (DistiLLM's ``KL(p || beta p + (1 - beta) q)``) is, like forward KL, a sum over tokens of the teacher's
+probability times a function of both, so its tail part is c times an expectation over t that the same draws
+estimate without bias; its gradient comes from the same kind of surrogate (`_sampled_divergence`). The other
+divergences weigh tokens by the student's probability (reverse KL, JSD's student half, the skew reverse KL) or
+are not expectations (TVD), which teacher draws cannot estimate, so for them (and when m = 0, or at a
 temperature other than tau, such as T = 1 for evaluation) the tail is one bucket of exactly known mass: k + 1
 buckets that sum to 1, the student projected onto the same buckets (its probabilities on the head ids plus its
 total mass elsewhere). That is a true divergence of two distributions over the same events and, by the
@@ -80,7 +84,7 @@ divergences mean what they mean on the same-vocabulary path; with identical voca
 From the cache: the head is exact. The tail's split between the head buckets, LOST and REST is estimated from
 the tail samples (their share by count; at a temperature other than tau the draws are reweighted by
 p^(1/T - 1/tau) and self-normalized); with no samples, LOST and REST are one bucket. For forward KL at T = tau
-the REST's inner KL uses the draws it holds exactly as `_sampled_forward_kl` uses all of them (same control
+the REST's inner KL uses the draws it holds exactly as `_sampled_divergence` uses all of them (same control
 variate). The student side is exact.
 
 Why first pieces rather than one bucket for all the text only one vocabulary writes: on the bundled SmolLM2
@@ -144,6 +148,8 @@ _FIELDS = ("ids", "logp", "sample_logp", "counts", "tail_logp", "tail_lognorm")
 # Cap of the student-to-teacher probability ratio at a sampled id in the tail's gradient (Note [Teacher signal]):
 # only a student that puts over 50x the teacher's share on a drawn token is pushed down less hard than exactly.
 _MAX_RATIO = 50.0
+# Divergences whose tail the samples estimate (Note [Teacher signal]); the others see the tail as one bucket.
+_SAMPLED_KINDS: frozenset[str] = frozenset({"forward_kl", "skew_kl"})
 
 
 @dataclass
@@ -562,7 +568,7 @@ def teacher_divergence(
 
     - `DenseTargets`: over the full vocabulary (exact).
     - `TeacherTargets`, forward KL at T = tau with samples: the buckets exactly plus the sampled estimate of
-      the tail's KL (`_sampled_forward_kl`).
+      the tail's KL (`_sampled_divergence`; skew KL likewise).
     - `TeacherTargets` otherwise: over the k + 1 buckets (head ids and one tail bucket; exact tail mass).
     - `CrossTargets` (a teacher with another vocabulary): the same, over what both vocabularies can write.
 
@@ -573,8 +579,8 @@ def teacher_divergence(
         return divergence(_tempered_log_softmax(student_logits, temperature), _floored(t, kind), kind, beta)
     if isinstance(teacher, CrossTargets):
         return _cross_divergence(student_logits, teacher, temperature, kind, beta)
-    if kind == "forward_kl" and teacher.m > 0 and math.isclose(temperature, teacher.tau):
-        return _sampled_forward_kl(student_logits, teacher, temperature)
+    if kind in _SAMPLED_KINDS and teacher.m > 0 and math.isclose(temperature, teacher.tau):
+        return _sampled_divergence(student_logits, teacher, temperature, kind, beta)
     student = bucket_log_probs(student_logits, teacher.ids[:, : teacher.k], temperature)
     return divergence(student, _floored(teacher.bucket_log_probs(temperature), kind), kind, beta)
 
@@ -584,32 +590,48 @@ def _floored(teacher_logp: Tensor, kind: str) -> Tensor:
     return teacher_logp.clamp(min=TEACHER_LOG_FLOOR) if kind == "reverse_kl" else teacher_logp
 
 
-def _sampled_forward_kl(student_logits: Tensor, teacher: TeacherTargets, temperature: float) -> Tensor:
-    """Forward KL at T = tau from the head, the tail mass and the tail samples (Note [Teacher signal]).
+def _sampled_divergence(student_logits: Tensor, teacher: TeacherTargets, temperature: float, kind: str,
+                        beta: float) -> Tensor:
+    """Forward or skew KL at T = tau from the head, the tail mass and the tail samples (Note [Teacher signal]).
 
-    By the chain rule of KL, ``KL(p_t || p_s) = KL over the k + 1 buckets + c * KL(t || s)``, with c the teacher's
-    tail mass and t, s the two tail distributions (each normalized over the ids outside the head). The buckets
-    are exact. The draws come from t itself, so ``mean over draws of log t(j) - log s(j)`` estimates KL(t || s)
-    without bias: that is the value. Its gradient is taken from ``mean over draws of (r_j - 1) log s(j)``, r_j =
-    s(j) / t(j) held constant: in expectation (s - t) / T, the exact gradient, and exactly zero wherever the
-    student's tail matches the teacher's, whatever was drawn.
+    Both are sums over tokens of the teacher's probability times a function of the two probabilities, so their
+    tail part is the teacher's tail mass c times an expectation over its tail t, which the draws estimate without
+    bias: that is the value. The gradient is taken from a surrogate whose expectation is the exact gradient and
+    which is exactly zero wherever the student's tail matches the teacher's, whatever was drawn: the plain
+    estimate's gradient plus ``mean over draws of r_j log s(j)`` (times 1 - beta for skew KL), r_j = s(j) / t(j)
+    held constant, whose expected gradient is zero (a control variate with the student's own tail).
+
+    - forward KL, by the chain rule: ``KL over the k + 1 buckets + c * KL(t || s)``; the buckets are exact and
+      ``mean over draws of log t(j) - log s(j)`` estimates KL(t || s); the surrogate is
+      ``mean over draws of (r_j - 1) log s(j)``, in expectation (s - t) / T.
+    - skew KL, ``KL(p || beta p + (1 - beta) q)``: the head ids' terms exactly, plus c times the mean over draws
+      of ``log p_j - log m_j`` (m the mixture); the surrogate is ``mean over draws of -log m_j + (1 - beta) r_j
+      log s(j)``.
     """
     ls = _tempered_log_softmax(student_logits, temperature)
     k = teacher.k
     head_ids = teacher.ids[:, :k]
     s_tail = _log_mass_outside(ls, head_ids)
-    student_b = torch.cat([ls.gather(-1, head_ids), s_tail.unsqueeze(-1)], dim=-1)
     teacher_b = teacher.bucket_log_probs(temperature)
-    buckets = _kl(teacher_b, student_b)
     used = teacher.counts > 0
     w = teacher.counts / teacher.counts.sum(-1, keepdim=True).clamp(min=1.0)
     log_s = torch.where(used, ls.gather(-1, teacher.ids[:, k:]) - s_tail.unsqueeze(-1), 0.0)
     log_t = torch.where(used, teacher.sample_logp.float() / temperature - teacher.tail_lognorm.float().unsqueeze(-1), 0.0)
-    tail_kl = (w * (log_t - log_s)).sum(-1)
     ratio = torch.exp((log_s - log_t).clamp(max=math.log(_MAX_RATIO))).detach()
-    surrogate = (w * (ratio - 1.0) * log_s).sum(-1)
     tail_mass = teacher_b[:, -1].exp()
-    return buckets + tail_mass * (tail_kl.detach() + surrogate - surrogate.detach())
+    if kind == "forward_kl":
+        head = _kl(teacher_b, torch.cat([ls.gather(-1, head_ids), s_tail.unsqueeze(-1)], dim=-1))
+        value = (w * (log_t - log_s)).sum(-1)
+        surrogate = (w * (ratio - 1.0) * log_s).sum(-1)
+    else:  # skew_kl
+        head_t = teacher_b[:, :k]
+        head = _kl(head_t, _log_mixture(head_t, ls.gather(-1, head_ids), beta))
+        # The draws' tempered probabilities under each model (their tail mass times their share of the tail).
+        log_p = torch.where(used, teacher_b[:, -1:] + log_t, 0.0)
+        log_m = _log_mixture(log_p, torch.where(used, s_tail.unsqueeze(-1) + log_s, 0.0), beta)
+        value = (w * (log_p - log_m)).sum(-1)
+        surrogate = (w * ((1.0 - beta) * ratio * log_s - log_m)).sum(-1)
+    return head + tail_mass * (value.detach() + surrogate - surrogate.detach())
 
 
 def _cross_parts(student_logits: Tensor, teacher: CrossTargets, temperature: float) -> dict[str, Tensor]:
@@ -697,7 +719,7 @@ def _cross_divergence(student_logits: Tensor, teacher: CrossTargets, temperature
     teacher_b = torch.cat([p["t_head"], p["t_lost"].unsqueeze(-1), p["t_rest"].unsqueeze(-1)], dim=-1)
     t = teacher.teacher
     if kind == "forward_kl" and t.m > 0 and math.isclose(temperature, t.tau):
-        # As `_sampled_forward_kl`, over the rest: the draws the student can write are draws from the
+        # As `_sampled_divergence`, over the rest: the draws the student can write are draws from the
         # teacher's rest (the tail's tokens with a student id), renormalized.
         buckets = _kl(teacher_b, student)
         kept = p["kept"]
