@@ -180,7 +180,7 @@ def make_judge(teacher: str, student: str, data: str, work: Path):
         model = models.load_causal_lm(folder)
         got = reference.compare(model)
         return {"kl_t1": got["kl_to_teacher"], "top1": got["top1_agreement"], "ce": got["ce"], "rouge_l": got["rouge_l"],
-                "rouge_l_per_answer": got["rouge_l_per_answer"], "n_tokens": got["n_tokens"],
+                "rouge_l_per_answer": got["rouge_l_per_answer"], "n_tokens": got["n_tokens"], "answers": got["answers"],
                 "samples": [{"teacher": t, "student": a} for t, a in zip(reference.answers[:3], got["answers"][:3], strict=True)]}
 
     return judge
