@@ -194,10 +194,29 @@ def spread(values: list[float]) -> dict[str, float]:
             "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def summarize(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+def answer_shape(answers: list[str], references: list[str]) -> dict[str, float]:
+    """What ROUGE-L is made of, for reading it: words per answer, the share of an answer's word trigrams that
+    repeat an earlier one (loops), and ROUGE-L's precision and recall (the F-measure is their harmonic mean)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, answer)["rougeL"] for answer, ref in zip(answers, references, strict=True)]
+
+    def repeated(words: list[str]) -> float:
+        trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+        return 1 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
+
+    return {"words": statistics.fmean(len(a.split()) for a in answers),
+            "repeated_trigrams": statistics.fmean(repeated(a.split()) for a in answers),
+            "rouge_l_precision": statistics.fmean(x.precision for x in scores),
+            "rouge_l_recall": statistics.fmean(x.recall for x in scores)}
+
+
+def summarize(runs: dict[str, dict[int, dict[str, Any]]], references: list[str] | None = None) -> dict[str, Any]:
     """Per arm: mean / min / max / std over seeds of every figure, and ratios to the baseline and the dense
     reference (per seed, then their spread: the seeds pair up, they share the data order), and the ROUGE-L
-    difference's 95 % interval over the held-out prompts."""
+    difference's 95 % interval over the held-out prompts. With the teacher's answers (`references`) and runs
+    judged since judge.json keeps every answer, also `answer_shape`."""
     from aitraining.evaluate import paired_difference
 
     out: dict[str, Any] = {}
@@ -206,6 +225,9 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
         row: dict[str, Any] = {"seeds": seeds, "what": ARMS[arm][0]}
         for name in ("kl_t1", "top1", "rouge_l", "ce"):
             row[name] = spread([by_seed[s]["judge"][name] for s in seeds])
+        if references is not None and all("answers" in by_seed[s]["judge"] for s in seeds):
+            shapes = [answer_shape(by_seed[s]["judge"]["answers"], references) for s in seeds]
+            row["answers"] = {name: spread([x[name] for x in shapes]) for name in shapes[0]}
         for name in ("wall_s", "cpu_s", "peak_rss_mib"):  # None: not measured (the run's record says why)
             measured = [by_seed[s][name] for s in seeds if by_seed[s].get(name) is not None]
             row[name] = spread(measured) if measured else None
@@ -312,7 +334,7 @@ def main() -> None:
             j = rec["judge"]
             print(f"  {arm:14s} seed {seed}: KL {j['kl_t1']:.3f}  top-1 {j['top1']:.3f}  ROUGE-L {j['rouge_l']:.3f}  "
                   f"wall {rec['wall_s'] or 0:.0f} s  peak {rec['peak_rss_mib'] or 0:.0f} MiB", flush=True)
-            summary = summarize(runs)
+            summary = summarize(runs, heldout_answers)
             result = {
                 "benchmark": "quality",
                 "date": utc_now_iso(),

@@ -64,6 +64,18 @@ def test_quality_quick(tmp_path: Path) -> None:
     assert set(result["targets_for_ours"]) >= {"kl_at_most_0.72x_baseline", "kl_within_3pct_of_dense", "wall_at_most_0.5x_dense"}
     interval = result["arms"]["ours"]["rouge_minus_baseline_interval"]
     assert interval["prompts"] == 6 and interval["ci95"][0] <= interval["mean"] <= interval["ci95"][1]
+    shape = result["arms"]["ours"]["answers"]
+    assert shape["words"]["mean"] > 0 and 0 <= shape["repeated_trigrams"]["mean"] <= 1
+
+
+def test_answer_shape_by_hand() -> None:
+    """Words, looping and ROUGE-L's two halves of a looping answer, counted by hand."""
+    sys.path.insert(0, str(BENCH))
+    from quality import answer_shape
+
+    # 6 words, trigrams abc bca cab abc: one of four repeats; LCS with "a b c" is 3: precision 3/6, recall 3/3.
+    got = answer_shape(["alpha beta gamma alpha beta gamma", "alpha"], ["alpha beta gamma", "delta"])
+    assert got == {"words": 3.5, "repeated_trigrams": 0.125, "rouge_l_precision": 0.25, "rouge_l_recall": 0.5}
 
 
 def test_vs_trl_quick_runs_our_side(tmp_path: Path) -> None:
