@@ -259,12 +259,9 @@ class TextReference:
         self.prompts = [p for p, _ in rows]
         self.answers = [a for _, a in rows]
         self.bytes = sum(len(a.encode("utf-8")) for a in self.answers)
-        with models.gguf_parsed_once():  # a .gguf teacher is read once for both
-            tokenizer = models.load_tokenizer(teacher, trust_remote_code=params.trust_remote_code, token=params.token,
-                                              flag="--teacher-model")
-            model = models.load_causal_lm(teacher, dtype=torch.float32, trust_remote_code=params.trust_remote_code,
-                                          allow_pickle=params.allow_pickle_weights, token=params.token,
-                                          flag="--teacher-model")
+        tokenizer, model = models.load_tokenizer_and_model(teacher, trust_remote_code=params.trust_remote_code,
+                                                           allow_pickle=params.allow_pickle_weights, token=params.token,
+                                                           flag="--teacher-model")
         self.teacher_nll = -sum(answer_log_likelihoods(model, self._rows(tokenizer, params.effective_teacher_template)))
         del model
 
@@ -399,11 +396,9 @@ def judge_on_text(teacher: str, rows: Sequence[tuple[str, str]], folders: dict[s
     out: dict[str, Any] = {}
     for role, name in folders.items():
         flag = "--teacher-model" if role == "teacher" else "--model"
-        with models.gguf_parsed_once():  # a .gguf is read once for both
-            tokenizer = models.load_tokenizer(name, trust_remote_code=params.trust_remote_code, token=params.token,
-                                              flag=flag)
-            model = models.load_causal_lm(name, dtype=torch.float32, trust_remote_code=params.trust_remote_code,
-                                          allow_pickle=params.allow_pickle_weights, token=params.token, flag=flag)
+        tokenizer, model = models.load_tokenizer_and_model(name, trust_remote_code=params.trust_remote_code,
+                                                           allow_pickle=params.allow_pickle_weights, token=params.token,
+                                                           flag=flag)
         got = reference.compare(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         prompts = reference._prompt_ids(tokenizer, params.student_prompt_template)[:4]

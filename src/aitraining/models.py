@@ -260,6 +260,24 @@ def load_causal_lm(
     return model
 
 
+def load_tokenizer_and_model(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    token: str | None = None,
+    flag: str = "--model",
+    allow_pickle: bool = False,
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """`load_tokenizer` and `load_causal_lm` of the same model, a .gguf read once for both (Note [Reading a GGUF
+    once])."""
+    with gguf_parsed_once():
+        tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code, token=token, flag=flag)
+        model = load_causal_lm(name, dtype=dtype, trust_remote_code=trust_remote_code, token=token, flag=flag,
+                               allow_pickle=allow_pickle)
+    return tokenizer, model
+
+
 # Note [Reading a GGUF once]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~
 # transformers reads a .gguf's metadata (for the bundled teacher, a 49,152-entry vocabulary and its merges, one
@@ -271,8 +289,8 @@ def load_causal_lm(
 # dequantizing. In one block, tokenizer and weights take 5.4 s. Within a `gguf_parsed_once` block the file is
 # read once (the reader is kept, keyed by path, size and modification time, until the outermost block ends: a
 # parsed vocabulary is one Python object per entry, so it is not kept past the loading) and the name table built
-# once per (architecture, depth). Every load of a .gguf runs in such a block; loading a tokenizer and then its model in one
-# outer block (`gguf_parsed_once` nests) reads the file once for both. Reader and table are read-only to
+# once per (architecture, depth). Every load of a .gguf runs in such a block; `load_tokenizer_and_model` loads both in
+# one outer block (`gguf_parsed_once` nests), which reads the file once for both. Reader and table are read-only to
 # transformers, so the weights are the same to the bit (test_models.py: test_materialize_gguf_round_trip loads
 # the file both ways).
 _GGUF_READERS: dict[tuple[str, int, int], Any] | None = None  # a dict only inside the outermost block
@@ -742,9 +760,9 @@ def save_model_folder(name: str, folder: str) -> str:
 
     aside = folder.rstrip(os.sep) + ".tmp"
     shutil.rmtree(aside, ignore_errors=True)
-    with gguf_parsed_once():  # a .gguf is read once for both
-        load_tokenizer(name).save_pretrained(aside)
-        load_causal_lm(name).save_pretrained(aside)
+    tokenizer, model = load_tokenizer_and_model(name)
+    tokenizer.save_pretrained(aside)
+    model.save_pretrained(aside)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(aside, folder)
     return folder
@@ -782,9 +800,8 @@ def prune_to_folder(
     """
     out = _output_folder(output, overwrite)
 
-    with gguf_parsed_once():  # a .gguf is read once for both
-        tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code, token=token)
-        model = load_causal_lm(model_name, trust_remote_code=trust_remote_code, token=token, allow_pickle=allow_pickle)
+    tokenizer, model = load_tokenizer_and_model(model_name, trust_remote_code=trust_remote_code, token=token,
+                                                allow_pickle=allow_pickle)
     total = len(_decoder_layers(model)[1])
     kept = kept_layer_indices(total, num_layers)  # evenly spaced; and the range check, before any measuring
     if layers not in ("measured", "even"):

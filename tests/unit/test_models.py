@@ -279,6 +279,21 @@ def test_a_gguf_is_read_once_per_block(tmp_path: Path, monkeypatch: pytest.Monke
     assert len(reads) == 1 and not models_module._GGUF_READERS
 
 
+def test_tokenizer_and_model_load_in_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`load_tokenizer_and_model` loads both inside one block (so a .gguf is read once), with the caller's flags."""
+    from aitraining import models as models_module
+
+    seen = []
+    monkeypatch.setattr(models_module, "load_tokenizer", lambda name, **kw: seen.append((models_module._GGUF_READERS, kw)) or "tok")
+    monkeypatch.setattr(models_module, "load_causal_lm", lambda name, **kw: seen.append((models_module._GGUF_READERS, kw)) or "lm")
+    got = models_module.load_tokenizer_and_model("x.gguf", trust_remote_code=True, token="t", flag="--teacher-model",
+                                                 allow_pickle=True)
+    assert got == ("tok", "lm") and seen[0][0] is not None and seen[0][0] is seen[1][0]
+    assert seen[0][1] == {"trust_remote_code": True, "token": "t", "flag": "--teacher-model"}
+    assert seen[1][1] == {"dtype": torch.float32, "trust_remote_code": True, "token": "t", "flag": "--teacher-model",
+                          "allow_pickle": True}
+
+
 def test_depth_prune_of_gguf_model_is_saveable(tmp_path: Path) -> None:
     _write_tiny_gguf(tmp_path / "tiny.gguf")
     quantized = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
