@@ -65,7 +65,9 @@ def test_quality_quick(tmp_path: Path) -> None:
     interval = result["arms"]["ours"]["rouge_minus_baseline_interval"]
     assert interval["prompts"] == 6 and interval["ci95"][0] <= interval["mean"] <= interval["ci95"][1]
     shape = result["arms"]["ours"]["answers"]
-    assert shape["words"]["mean"] > 0 and 0 <= shape["repeated_trigrams"]["mean"] <= 1
+    # Tiny random models may answer with nothing at all: only the fields and their ranges are checked here.
+    assert shape["words"]["mean"] >= 0 and 0 <= shape["repeated_trigrams"]["mean"] <= 1
+    assert 0 <= shape["rouge_l_precision"]["mean"] <= 1 and 0 <= shape["rouge_l_recall"]["mean"] <= 1
 
 
 def test_answer_shape_by_hand() -> None:
