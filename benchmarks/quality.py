@@ -197,10 +197,9 @@ def spread(values: list[float]) -> dict[str, float]:
 def answer_shape(answers: list[str], references: list[str]) -> dict[str, float]:
     """What ROUGE-L is made of, for reading it: words per answer, the share of an answer's word trigrams that
     repeat an earlier one (loops), and ROUGE-L's precision and recall (the F-measure is their harmonic mean)."""
-    from rouge_score import rouge_scorer
+    from aitraining.evaluate import rouge_l
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(ref, answer)["rougeL"] for answer, ref in zip(answers, references, strict=True)]
+    scores = rouge_l(answers, references)
 
     def repeated(words: list[str]) -> float:
         trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]

@@ -123,13 +123,18 @@ def paired_difference(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]
     return {"mean": sum(diffs) / n, "ci95": [lo, hi], "excludes_zero": lo > 0 or hi < 0, "prompts": n, "runs": len(a)}
 
 
-def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-    """ROUGE-L F-measure of each prediction against its reference (stemmed, as the package's authors recommend
-    for English)."""
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[Any]:
+    """ROUGE-L of each prediction against its reference (stemmed, as the package's authors recommend for
+    English): the package's scores, with precision, recall and fmeasure."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
+    return [scorer.score(ref, pred)["rougeL"] for pred, ref in zip(predictions, references, strict=True)]
+
+
+def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F-measure of each prediction against its reference (`rouge_l`)."""
+    return [score.fmeasure for score in rouge_l(predictions, references)]
 
 
 

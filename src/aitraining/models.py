@@ -261,19 +261,14 @@ def load_causal_lm(
 
 
 def load_tokenizer_and_model(
-    name: str,
-    *,
-    dtype: torch.dtype = torch.float32,
-    trust_remote_code: bool = False,
-    token: str | None = None,
-    flag: str = "--model",
+    name: str, *, trust_remote_code: bool = False, token: str | None = None, flag: str = "--model",
     allow_pickle: bool = False,
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """`load_tokenizer` and `load_causal_lm` of the same model, a .gguf read once for both (Note [Reading a GGUF
-    once])."""
+    """`load_tokenizer` and `load_causal_lm` (float32) of the same model, a .gguf read once for both (Note
+    [Reading a GGUF once])."""
     with gguf_parsed_once():
         tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code, token=token, flag=flag)
-        model = load_causal_lm(name, dtype=dtype, trust_remote_code=trust_remote_code, token=token, flag=flag,
+        model = load_causal_lm(name, trust_remote_code=trust_remote_code, token=token, flag=flag,
                                allow_pickle=allow_pickle)
     return tokenizer, model
 

@@ -290,8 +290,7 @@ def test_tokenizer_and_model_load_in_one_block(monkeypatch: pytest.MonkeyPatch) 
                                                  allow_pickle=True)
     assert got == ("tok", "lm") and seen[0][0] is not None and seen[0][0] is seen[1][0]
     assert seen[0][1] == {"trust_remote_code": True, "token": "t", "flag": "--teacher-model"}
-    assert seen[1][1] == {"dtype": torch.float32, "trust_remote_code": True, "token": "t", "flag": "--teacher-model",
-                          "allow_pickle": True}
+    assert seen[1][1] == {"trust_remote_code": True, "token": "t", "flag": "--teacher-model", "allow_pickle": True}
 
 
 def test_depth_prune_of_gguf_model_is_saveable(tmp_path: Path) -> None:
