@@ -4,7 +4,7 @@
     python benchmarks/end_to_end.py --rows 200      # the full size (the naive side is slow)
     python benchmarks/end_to_end.py --quick --out /tmp/e2e.json   # tiny models, seconds (what the tests run)
 
-Both sides train the same student on the same (prompt, response) rows of ../shared/data for the same epochs,
+Both sides train the same student on the same (prompt, response) rows of benchmarks/data for the same epochs,
 batch size, learning rate, loss and temperature:
 
 - ours: `aitraining llm --train --use-distillation` (the teacher scores each response once into the cache;
@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 from _measure import describe_machine, format_table, measure_command, safe_ratio, utc_now_iso, write_json  # noqa: E402
 from _setup import bundled_teacher_folder, pruned_student, tiny_models  # noqa: E402
 
-SHARED = HERE.parent.parent / "shared" / "data"
+DATA = HERE / "data"  # copies of the shared real prompts (data/README.md)
 TEMPERATURE, ALPHA, LR, BATCH = 3.0, 0.7, 1e-4, 8
 
 
@@ -46,9 +46,7 @@ def make_models(work: Path, quick: bool) -> tuple[str, str]:
 
 
 def write_rows(work: Path, rows: int) -> str:
-    source = SHARED / "user_oriented_pairs.jsonl"
-    if not source.exists():
-        raise SystemExit(f"needs the shared real prompts: {source} is absent")
+    source = DATA / "user_oriented_pairs.jsonl"
     lines = [x for x in source.read_text(encoding="utf-8").splitlines() if x.strip()][:rows]
     path = work / "data.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -133,7 +131,7 @@ def naive_worker(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny models and data: seconds, for the tests")
-    ap.add_argument("--rows", type=int, default=None, help="rows of ../shared/data/user_oriented_pairs.jsonl")
+    ap.add_argument("--rows", type=int, default=None, help="rows of benchmarks/data/user_oriented_pairs.jsonl")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--max-len", type=int, default=512, help="maximum sequence length (the naive pads to it)")
     ap.add_argument("--out", default=str(HERE / "results" / "end_to_end.json"))
@@ -165,7 +163,7 @@ def main() -> None:
         "setup": {"quick": args.quick, "rows": rows, "epochs": epochs, "max_len": max_len, "batch_size": BATCH,
                   "teacher": "tiny Llama (4 layers)" if args.quick else "SmolLM2-135M-Instruct (bundled GGUF, dequantized)",
                   "student": "tiny Llama (2 layers)" if args.quick else "8 of the teacher's 30 layers",
-                  "data": "../shared/data/user_oriented_pairs.jsonl"},
+                  "data": "benchmarks/data/user_oriented_pairs.jsonl"},
         "ours": ours,
         "naive": naive,
         "speedup_wall": speedup,

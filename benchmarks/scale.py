@@ -3,7 +3,7 @@
     python benchmarks/scale.py                          # bundled SmolLM2 teacher, 8-layer student, 16 real rows x1/x4/x16
     python benchmarks/scale.py --quick --out /tmp/scale.json   # tiny models, seconds (what the tests run)
 
-The base is the first B (prompt, response) rows of ../shared/data/user_oriented_pairs.jsonl, repeated whole
+The base is the first B (prompt, response) rows of benchmarks/data/user_oriented_pairs.jsonl, repeated whole
 to 4x and 16x. Each scale is one `aitraining llm --train --use-distillation` run, 1 epoch, every other
 setting the same, in a fresh project folder and its own subprocess (wall time and peak RSS from the kernel,
 see _measure.py).
@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 import end_to_end  # noqa: E402
 from _measure import describe_machine, format_table, safe_ratio, utc_now_iso, write_json  # noqa: E402
 
-PAIRS_FILE = end_to_end.SHARED / "user_oriented_pairs.jsonl"
+PAIRS_FILE = end_to_end.DATA / "user_oriented_pairs.jsonl"
 FACTORS = (1, 4, 16)
 # Our reading of the issue's "linear" and "flat" (see the module docstring).
 MIN_R2, MAX_PER_TOKEN_RATIO, MAX_RSS_RATIO = 0.98, 1.25, 1.10
@@ -42,8 +42,6 @@ MIN_R2, MAX_PER_TOKEN_RATIO, MAX_RSS_RATIO = 0.98, 1.25, 1.10
 
 def write_scaled_rows(work: Path, base_rows: int, factor: int) -> tuple[str, int]:
     """The first `base_rows` pairs repeated `factor` times into one JSON-lines file; returns (path, rows)."""
-    if not PAIRS_FILE.exists():
-        raise SystemExit(f"needs the shared real prompts: {PAIRS_FILE} is absent")
     base = [x for x in PAIRS_FILE.read_text(encoding="utf-8").splitlines() if x.strip()][:base_rows]
     rows = base * factor
     path = work / f"data-x{factor}.jsonl"
@@ -88,7 +86,7 @@ def _fmt(x: float | None, spec: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny models and data: seconds, for the tests")
-    ap.add_argument("--base-rows", type=int, default=None, help="rows of ../shared/data/user_oriented_pairs.jsonl at 1x")
+    ap.add_argument("--base-rows", type=int, default=None, help="rows of benchmarks/data/user_oriented_pairs.jsonl at 1x")
     ap.add_argument("--max-len", type=int, default=None, help="block size and max teacher length")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="rows per training step and per teacher batch (must divide --base-rows)")
@@ -104,8 +102,6 @@ def main() -> None:
         # At 1x a partial batch would hold fewer rows than every batch at 16x: a smaller activation peak and a
         # different per-token cost that have nothing to do with the amount of data.
         raise SystemExit(f"--base-rows {base_rows} must be a multiple of --batch-size {batch}")
-    if not PAIRS_FILE.exists():
-        raise SystemExit(f"needs the shared real prompts: {PAIRS_FILE} is absent")
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     runs: list[dict[str, Any]] = []
     try:
@@ -165,7 +161,7 @@ def main() -> None:
                   "max_len": max_len, "batch_size": batch, "teacher_batch_size": batch,
                   "teacher": "tiny Llama (4 layers)" if args.quick else "SmolLM2-135M-Instruct (bundled GGUF, dequantized)",
                   "student": "tiny Llama (2 layers)" if args.quick else "8 of the teacher's 30 layers",
-                  "data": "../shared/data/user_oriented_pairs.jsonl, first base_rows rows repeated factor times"},
+                  "data": "benchmarks/data/user_oriented_pairs.jsonl, first base_rows rows repeated factor times"},
         "runs": runs,
         "train_s_linear_fit": {"intercept_s": fit["intercept"], "slope_s_per_1k_tokens": fit["slope"], "r2": fit["r2"]},
         "train_s_per_1k_tokens_ratio_16x_over_1x": per_token_ratio,

@@ -43,15 +43,13 @@ from _measure import (  # noqa: E402
     write_json,
 )
 
-PROMPTS_FILE = end_to_end.SHARED / "user_oriented_prompts.jsonl"
+PROMPTS_FILE = end_to_end.DATA / "user_oriented_prompts.jsonl"
 # prepare_teacher batches by --teacher-batch-size; the run below passes the same value so both parts agree.
 GEN_BATCH = 16
 
 
 def write_prompts(work: Path, n: int) -> tuple[str, int]:
     """The first `n` real prompts as prompt-only rows ({"text": ...}); returns (path, rows written)."""
-    if not PROMPTS_FILE.exists():
-        raise SystemExit(f"needs the shared real prompts: {PROMPTS_FILE} is absent")
     lines = [x for x in PROMPTS_FILE.read_text(encoding="utf-8").splitlines() if x.strip()][:n]
     path = work / "prompts.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -128,7 +126,7 @@ def gen_worker(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny models and data: seconds, for the tests")
-    ap.add_argument("--prompts", type=int, default=None, help="prompts of ../shared/data/user_oriented_prompts.jsonl")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts of benchmarks/data/user_oriented_prompts.jsonl")
     ap.add_argument("--max-new", type=int, default=None, help="max new tokens per response (greedy)")
     ap.add_argument("--batch-size", type=int, default=GEN_BATCH, help="prompts per batched generate() call")
     ap.add_argument("--epochs", type=int, default=None, help="epochs of the whole run (share of the teacher)")
@@ -145,8 +143,6 @@ def main() -> None:
     epochs = args.epochs or (1 if args.quick else 5)
     # Room for the longest real prompt with its chat template (~180 tokens) plus the response.
     block = 256 if args.quick else 512
-    if not PROMPTS_FILE.exists():
-        raise SystemExit(f"needs the shared real prompts: {PROMPTS_FILE} is absent")
     work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     try:
         teacher, student = end_to_end.make_models(work, args.quick)
@@ -171,7 +167,7 @@ def main() -> None:
                   "run_batch_size": end_to_end.BATCH,
                   "teacher": "tiny Llama (4 layers)" if args.quick else "SmolLM2-135M-Instruct (bundled GGUF, dequantized)",
                   "student": "tiny Llama (2 layers)" if args.quick else "8 of the teacher's 30 layers",
-                  "data": "../shared/data/user_oriented_prompts.jsonl"},
+                  "data": "benchmarks/data/user_oriented_prompts.jsonl"},
         "generation": {
             **gen,
             "batched_over_one_at_a_time_tokens_per_s": safe_ratio(b["tokens_per_s"], s["tokens_per_s"]),

@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _measure import describe_machine, format_table, safe_ratio, utc_now_iso, write_json  # noqa: E402
-from end_to_end import SHARED, make_models, run_ours  # noqa: E402
+from end_to_end import DATA, make_models, run_ours  # noqa: E402
 
 
 def matmul_gflops(dtype_name: str, n: int, repeats: int) -> float:
@@ -47,9 +47,7 @@ def matmul_gflops(dtype_name: str, n: int, repeats: int) -> float:
 
 
 def write_split(work: Path, train_rows: int, valid_rows: int) -> str:
-    source = SHARED / "user_oriented_pairs.jsonl"
-    if not source.exists():
-        raise SystemExit(f"needs the shared real prompts: {source} is absent")
+    source = DATA / "user_oriented_pairs.jsonl"
     lines = [x for x in source.read_text(encoding="utf-8").splitlines() if x.strip()]
     data = work / "data"
     data.mkdir()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import PAIRS, SHARED_DATA, write_jsonl
+from helpers import PAIRS, REAL_DATA, write_jsonl
 
 
 @pytest.fixture
@@ -20,9 +20,7 @@ def prompts_file(tmp_path: Path) -> str:
 
 @pytest.fixture
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"the shared real prompts are not beside this clone ({SHARED_DATA} is absent)")
-    return SHARED_DATA
+    return REAL_DATA
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+# The repository's copies of the shared real prompts (benchmarks/data/README.md): a clone has them.
+REAL_DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 
 PAIRS = [
     ("What is the capital of France?", "Paris is the capital of France."),

