@@ -181,9 +181,39 @@ def make_judge(teacher: str, student: str, data: str, work: Path):
         got = reference.compare(model)
         return {"kl_t1": got["kl_to_teacher"], "top1": got["top1_agreement"], "ce": got["ce"], "rouge_l": got["rouge_l"],
                 "rouge_l_per_answer": got["rouge_l_per_answer"], "n_tokens": got["n_tokens"], "answers": got["answers"],
+                **copying(model, reference.items),
                 "samples": [{"teacher": t, "student": a} for t, a in zip(reference.answers[:3], got["answers"][:3], strict=True)]}
 
+    judge.items = reference.items  # type: ignore[attr-defined]  # for `copying` of runs judged before it existed
     return judge
+
+
+def copying(model: Any, items: list[Any]) -> dict[str, float]:
+    """How much a model repeats, read on the teacher's own answers (teacher-forced, so no loop of its own can
+    feed it): at every answer token after the first, whether its top-1 is a token that the answer already holds
+    (``copy_top1``) and the probability it gives to those tokens together (``copy_mass``); ``label_repeats``:
+    how often the teacher's next token is one of them. Greedy loops start where a student copies as readily as
+    its teacher but has less else to say."""
+    import torch
+
+    top1: list[float] = []
+    mass: list[float] = []
+    labels: list[float] = []
+    model.eval()
+    with torch.no_grad():
+        for it in items:
+            answer = it.input_ids[it.n_prompt :]
+            if len(answer) < 2:
+                continue
+            probs = model(torch.tensor([it.input_ids])).logits[0].float().softmax(-1)
+            for j in range(1, len(answer)):
+                seen = sorted(set(answer[:j]))
+                row = probs[it.n_prompt + j - 1]
+                top1.append(float(int(row.argmax()) in seen))
+                mass.append(float(row[seen].sum()))
+                labels.append(float(answer[j] in seen))
+    mean = statistics.fmean if top1 else (lambda _: 0.0)
+    return {"copy_top1": mean(top1), "copy_mass": mean(mass), "label_repeats": mean(labels)}
 
 
 # -------------------------------------------------------------------------------------------------- report
@@ -224,6 +254,9 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]], references: list[str] 
         row: dict[str, Any] = {"seeds": seeds, "what": ARMS[arm][0]}
         for name in ("kl_t1", "top1", "rouge_l", "ce"):
             row[name] = spread([by_seed[s]["judge"][name] for s in seeds])
+        for name in ("copy_top1", "copy_mass"):  # `copying`, for runs judged since it exists
+            if all(name in by_seed[s]["judge"] for s in seeds):
+                row[name] = spread([by_seed[s]["judge"][name] for s in seeds])
         if references is not None and all("answers" in by_seed[s]["judge"] for s in seeds):
             shapes = [answer_shape(by_seed[s]["judge"]["answers"], references) for s in seeds]
             row["answers"] = {name: spread([x[name] for x in shapes]) for name in shapes[0]}
@@ -317,6 +350,12 @@ def main() -> None:
     if not untrained_path.exists():
         untrained_path.write_text(json.dumps(judge(student), indent=2, ensure_ascii=False))
     untrained = json.loads(untrained_path.read_text())
+    teacher_path = work / "judge" / f"teacher-copying-{key}.json"
+    if not teacher_path.exists():
+        from aitraining import models
+
+        teacher_path.write_text(json.dumps(copying(models.load_causal_lm(teacher), judge.items), indent=2))
+    teacher_copying = json.loads(teacher_path.read_text())
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     result: dict[str, Any] = {}
     for seed in args.seeds:
@@ -329,6 +368,11 @@ def main() -> None:
             if not judged.exists():
                 judged.write_text(json.dumps(judge(str(judged.parent)), indent=2, ensure_ascii=False))
             rec["judge"] = json.loads(judged.read_text())
+            if "copy_top1" not in rec["judge"]:  # judged before `copying` existed: add it, the rest stands
+                from aitraining import models
+
+                rec["judge"].update(copying(models.load_causal_lm(str(judged.parent)), judge.items))
+                judged.write_text(json.dumps(rec["judge"], indent=2, ensure_ascii=False))
             runs.setdefault(arm, {})[seed] = rec
             j = rec["judge"]
             print(f"  {arm:14s} seed {seed}: KL {j['kl_t1']:.3f}  top-1 {j['top1']:.3f}  ROUGE-L {j['rouge_l']:.3f}  "
@@ -346,6 +390,7 @@ def main() -> None:
                           "student": "tiny Llama (2 layers)" if args.quick else "8 of the teacher's 30 layers",
                           "judge": "float32 teacher; KL at T=1 over the full vocabulary on its greedy answers"},
                 "untrained_student": {k: v for k, v in untrained.items() if k != "samples"},
+                "teacher_copying": teacher_copying,
                 "arms": summary,
                 "targets_for_ours": targets(summary),
                 "runs": {a: {str(s): r for s, r in v.items()} for a, v in runs.items()},
@@ -360,6 +405,9 @@ def main() -> None:
                      f"{row['wall_s']['mean']:.0f}" if row["wall_s"] else "-",
                      f"{row['peak_rss_mib']['mean']:.0f}" if row["peak_rss_mib"] else "-", row["cache_bytes_per_token"]])
     print(f"untrained student: KL {untrained['kl_t1']:.3f}, ROUGE-L {untrained['rouge_l']:.3f}")
+    print(f"on the teacher's answers, top-1 repeats an earlier answer token: teacher {teacher_copying['copy_top1']:.3f}, "
+          + ", ".join(f"{arm} {row['copy_top1']['mean']:.3f}" for arm, row in result["arms"].items() if "copy_top1" in row)
+          + f" (the teacher's next token repeats one {teacher_copying['label_repeats']:.3f})")
     print(format_table(["arm", "KL T=1 (min-max)", "x baseline", "x dense", "top-1", "ROUGE-L", "wall s", "peak MiB",
                         "cache B/token"], rows))
     for name, ok in result["targets_for_ours"].items():

@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,6 +66,8 @@ def test_quality_quick(tmp_path: Path) -> None:
     # Tiny random models may answer with nothing at all: only the fields and their ranges are checked here.
     assert shape["words"]["mean"] >= 0 and 0 <= shape["repeated_trigrams"]["mean"] <= 1
     assert 0 <= shape["rouge_l_precision"]["mean"] <= 1 and 0 <= shape["rouge_l_recall"]["mean"] <= 1
+    for who in (result["arms"]["ours"]["copy_top1"]["mean"], result["teacher_copying"]["copy_top1"]):
+        assert 0 <= who <= 1
 
 
 def test_answer_shape_by_hand() -> None:
@@ -75,6 +78,32 @@ def test_answer_shape_by_hand() -> None:
     # 6 words, trigrams abc bca cab abc: one of four repeats; LCS with "a b c" is 3: precision 3/6, recall 3/3.
     got = answer_shape(["alpha beta gamma alpha beta gamma", "alpha"], ["alpha beta gamma", "delta"])
     assert got == {"words": 3.5, "repeated_trigrams": 0.125, "rouge_l_precision": 0.25, "rouge_l_recall": 0.5}
+
+
+def test_copying_by_hand() -> None:
+    """`copying` on an answer [a, b, a] read by a model whose scores are set by hand."""
+    import torch
+
+    from aitraining.train import Item
+
+    sys.path.insert(0, str(BENCH))
+    from quality import copying
+
+    a, b, c, prompt = 1, 2, 3, 0
+    scores = torch.full((4, 5), -30.0)
+    scores[1, a] = 2.0  # predicting the answer's 2nd token after [prompt, a]: top-1 a, which the answer holds
+    scores[2, c] = 2.0  # predicting its 3rd after [prompt, a, b]: top-1 c, which it does not
+    scores[2, b] = 1.0
+
+    class Fixed(torch.nn.Module):
+        def forward(self, ids: torch.Tensor) -> Any:
+            return type("Out", (), {"logits": scores[: ids.shape[1]].unsqueeze(0)})()
+
+    got = copying(Fixed(), [Item([prompt, a, b, a], 1), Item([prompt, a], 1)])  # a 1-token answer counts nothing
+    p = scores.softmax(-1)
+    # Positions 1 and 2: earlier answer tokens {a} then {a, b}; the teacher's next tokens b (new), a (a repeat).
+    assert got["copy_top1"] == 0.5 and got["label_repeats"] == 0.5
+    assert math.isclose(got["copy_mass"], (p[1, a] + p[2, a] + p[2, b]).item() / 2, rel_tol=1e-6)
 
 
 def test_vs_trl_quick_runs_our_side(tmp_path: Path) -> None:
