@@ -83,9 +83,9 @@ divergences mean what they mean on the same-vocabulary path; with identical voca
 
 From the cache: the head is exact. The tail's split between the head buckets, LOST and REST is estimated from
 the tail samples (their share by count; at a temperature other than tau the draws are reweighted by
-p^(1/T - 1/tau) and self-normalized); with no samples, LOST and REST are one bucket. For forward KL at T = tau
-the REST's inner KL uses the draws it holds exactly as `_sampled_divergence` uses all of them (same control
-variate). The student side is exact.
+p^(1/T - 1/tau) and self-normalized); with no samples, LOST and REST are one bucket. For forward and skew KL at
+T = tau the REST's tokens are read from the draws it holds exactly as `_sampled_divergence` reads all of them
+(same estimate, same control variate), the other events as exact buckets. The student side is exact.
 
 Why first pieces rather than one bucket for all the text only one vocabulary writes: on the bundled SmolLM2
 teacher and Llama 2's tokenizer that text holds 44 % of the teacher's mass at T = 3 (14 % at T = 1); a student
@@ -617,21 +617,31 @@ def _sampled_divergence(student_logits: Tensor, teacher: TeacherTargets, tempera
     w = teacher.counts / teacher.counts.sum(-1, keepdim=True).clamp(min=1.0)
     log_s = torch.where(used, ls.gather(-1, teacher.ids[:, k:]) - s_tail.unsqueeze(-1), 0.0)
     log_t = torch.where(used, teacher.sample_logp.float() / temperature - teacher.tail_lognorm.float().unsqueeze(-1), 0.0)
-    ratio = torch.exp((log_s - log_t).clamp(max=math.log(_MAX_RATIO))).detach()
-    tail_mass = teacher_b[:, -1].exp()
     if kind == "forward_kl":
         head = _kl(teacher_b, torch.cat([ls.gather(-1, head_ids), s_tail.unsqueeze(-1)], dim=-1))
-        value = (w * (log_t - log_s)).sum(-1)
-        surrogate = (w * (ratio - 1.0) * log_s).sum(-1)
     else:  # skew_kl
         head_t = teacher_b[:, :k]
         head = _kl(head_t, _log_mixture(head_t, ls.gather(-1, head_ids), beta))
-        # The draws' tempered probabilities under each model (their tail mass times their share of the tail).
-        log_p = torch.where(used, teacher_b[:, -1:] + log_t, 0.0)
+    return head + _sampled_tail_term(w, used, log_t, log_s, teacher_b[:, -1], s_tail, kind, beta)
+
+
+def _sampled_tail_term(w: Tensor, used: Tensor, log_t: Tensor, log_s: Tensor, t_tail: Tensor, s_tail: Tensor,
+                       kind: str, beta: float) -> Tensor:
+    """The tail's part of forward or skew KL from the draws (`_sampled_divergence`): its value, with the gradient
+    of the surrogate. ``w``: (N, m) the draws' weights (summing to 1 in a row with draws); ``log_t``, ``log_s``:
+    each draw's log-probability within the tail under the teacher and the student (0 where unused);
+    ``t_tail``, ``s_tail``: (N,) the log of each model's tail mass at T. For forward KL the chain rule leaves
+    c * KL(t || s) (the bucket term holds the masses); for skew KL the tail's tokens are summed directly."""
+    ratio = torch.exp((log_s - log_t).clamp(max=math.log(_MAX_RATIO))).detach()
+    if kind == "forward_kl":
+        value = (w * (log_t - log_s)).sum(-1)
+        surrogate = (w * (ratio - 1.0) * log_s).sum(-1)
+    else:  # skew_kl: the draws' tempered probabilities under each model (tail mass times share of the tail)
+        log_p = torch.where(used, t_tail.unsqueeze(-1) + log_t, 0.0)
         log_m = _log_mixture(log_p, torch.where(used, s_tail.unsqueeze(-1) + log_s, 0.0), beta)
         value = (w * (log_p - log_m)).sum(-1)
         surrogate = (w * ((1.0 - beta) * ratio * log_s - log_m)).sum(-1)
-    return head + tail_mass * (value.detach() + surrogate - surrogate.detach())
+    return t_tail.exp() * (value.detach() + surrogate - surrogate.detach())
 
 
 def _cross_parts(student_logits: Tensor, teacher: CrossTargets, temperature: float) -> dict[str, Tensor]:
@@ -718,10 +728,14 @@ def _cross_divergence(student_logits: Tensor, teacher: CrossTargets, temperature
     student = torch.cat([p["s_head"], p["s_lost"].unsqueeze(-1), p["s_rest"].unsqueeze(-1)], dim=-1)
     teacher_b = torch.cat([p["t_head"], p["t_lost"].unsqueeze(-1), p["t_rest"].unsqueeze(-1)], dim=-1)
     t = teacher.teacher
-    if kind == "forward_kl" and t.m > 0 and math.isclose(temperature, t.tau):
+    if kind in _SAMPLED_KINDS and t.m > 0 and math.isclose(temperature, t.tau):
         # As `_sampled_divergence`, over the rest: the draws the student can write are draws from the
-        # teacher's rest (the tail's tokens with a student id), renormalized.
-        buckets = _kl(teacher_b, student)
+        # teacher's rest (the tail's tokens with a student id), renormalized. The other events (the head's
+        # buckets and the lost text) are exact buckets.
+        if kind == "forward_kl":  # the chain rule: the rest's mass is a bucket, its inside is sampled
+            buckets = _kl(teacher_b, student)
+        else:  # skew KL: every bucket but the rest, whose tokens are sampled one by one
+            buckets = _kl(teacher_b[:, :-1], _log_mixture(teacher_b[:, :-1], student[:, :-1], beta))
         kept = p["kept"]
         w = torch.where(kept, t.counts, 0.0)
         w = w / w.sum(-1, keepdim=True).clamp(min=1.0)
@@ -729,10 +743,7 @@ def _cross_divergence(student_logits: Tensor, teacher: CrossTargets, temperature
         log_s = torch.where(kept, p["ls"].gather(-1, cols) - p["s_rest"].unsqueeze(-1), 0.0)
         log_t = torch.where(kept, t.sample_logp.float() / temperature - t.tail_lognorm.float().unsqueeze(-1)
                             - p["log_kept"].unsqueeze(-1), 0.0)
-        tail_kl = (w * (log_t - log_s)).sum(-1)
-        ratio = torch.exp((log_s - log_t).clamp(max=math.log(_MAX_RATIO))).detach()
-        surrogate = (w * (ratio - 1.0) * log_s).sum(-1)
-        kd = buckets + p["t_rest"].exp() * (tail_kl.detach() + surrogate - surrogate.detach())
+        kd = buckets + _sampled_tail_term(w, kept, log_t, log_s, p["t_rest"], p["s_rest"], kind, beta)
     else:
         kd = divergence(student, _floored(teacher_b, kind), kind, beta)
     return torch.where(teacher.aligned, kd, 0.0)

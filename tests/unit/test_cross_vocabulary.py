@@ -144,7 +144,7 @@ def test_identity_map_is_the_same_vocabulary_loss() -> None:
     s, t = logits(3, v), logits(4, v)
     offsets = torch.full((N,), 0.37)
     same = teacher_targets_from_logits(t, 5, samples=9, tau=3.0, offsets=offsets)
-    for kind in ("forward_kl", "jsd"):
+    for kind in ("forward_kl", "skew_kl", "jsd"):
         z1, z2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
         a = teacher_divergence(z1, same, 3.0, kind, BETA)
         b = teacher_divergence(z2, CrossTargets(same, torch.ones(N, dtype=torch.bool), vocab), 3.0, kind, BETA)
@@ -154,9 +154,11 @@ def test_identity_map_is_the_same_vocabulary_loss() -> None:
         torch.testing.assert_close(z2.grad, z1.grad, atol=1e-6, rtol=1e-5)
 
 
-def test_sampled_tail_is_unbiased_for_the_projected_forward_kl() -> None:
+@pytest.mark.parametrize("kind", ["forward_kl", "skew_kl"])
+def test_sampled_tail_is_unbiased_for_the_projected_divergence(kind: str) -> None:
     """A small head and tail samples: averaged over the sampler's offset, the value and the gradient are those of
-    the exact projected forward KL (the lost share of the tail is estimated from the draws themselves)."""
+    the exact projected forward (or skew) KL (the lost share of the tail is estimated from the draws themselves),
+    and far from the loss that sees the rest as one bucket."""
     vocab = random_map(5, shared=20)
     g = torch.Generator().manual_seed(6)
     t = torch.randn(3, VT, generator=g) * 2
@@ -167,20 +169,25 @@ def test_sampled_tail_is_unbiased_for_the_projected_forward_kl() -> None:
             s[:, si] = t[:, ti] + 0.5 * torch.randn(3, generator=g)
     T, R = 3.0, 400
     want_s, want_t = naive_projection(s, t, vocab, T)
-    want = naive_rows(want_s, want_t, "forward_kl", BETA)
+    want = naive_rows(want_s, want_t, kind, BETA)
     zd = s.double().clone().requires_grad_(True)
-    _torch_divergence(torch_projection(zd, vocab, T), want_t, "forward_kl").sum().backward()
+    _torch_divergence(torch_projection(zd, vocab, T), want_t, kind).sum().backward()
     kl_sum = torch.zeros(3, dtype=torch.float64)
     grad_sum = torch.zeros(3, VS, dtype=torch.float64)
     for r in range(R):
         targets = cross(t, vocab, 3, 24, T, offsets=torch.full((3,), (r + 0.5) / R))
         z = s.clone().requires_grad_(True)
-        kd = teacher_divergence(z, targets, T, "forward_kl")
+        kd = teacher_divergence(z, targets, T, kind, BETA)
         kd.sum().backward()
         kl_sum += kd.detach().double()
         grad_sum += z.grad.double()
     torch.testing.assert_close(kl_sum / R, want, atol=5e-3, rtol=0.02)
-    torch.testing.assert_close(grad_sum / R, zd.grad, atol=3e-3, rtol=0)
+    # (The gradient's largest entry is 0.022 for forward KL, 0.011 for skew KL; the rest as one bucket with its
+    # split still estimated from the draws is 0.0024 off for skew KL, the sampled rest 0.0003.)
+    torch.testing.assert_close(grad_sum / R, zd.grad, atol=1e-3, rtol=0)
+    # The rest as one bucket (no draws) is not that loss: what the draws add is measurable here.
+    bucket = teacher_divergence(s, cross(t, vocab, 3, 0, T), T, kind, BETA).double()
+    assert (bucket - want).abs().max() > 0.25 * want.abs().max()
 
 
 def test_unaligned_positions_have_no_distillation_term() -> None:
