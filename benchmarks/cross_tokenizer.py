@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from _measure import describe_machine, format_table, measure_command, utc_now_iso, write_json  # noqa: E402
-from quality import STUDENT_FOLDER, same_command, setup, teacher_answers, write_jsonl  # noqa: E402
+from quality import STUDENT_FOLDER, answer_shape, same_command, setup, teacher_answers, write_jsonl  # noqa: E402
 
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sequence": ("the teacher's answers as text (--distill-mode sequence)", ("--distill-mode", "sequence")),
@@ -110,7 +110,7 @@ def main() -> None:
 
     def judged(folder: str) -> dict[str, Any]:
         got = judge.compare(models.load_causal_lm(folder), models.load_tokenizer(folder))
-        return {**{k: v for k, v in got.items() if k != "answers"},
+        return {**got,
                 "samples": [{"teacher": t, "student": a} for t, a in zip(heldout_answers[:3], got["answers"][:3], strict=True)]}
 
     untrained = judged(student)
@@ -119,7 +119,7 @@ def main() -> None:
         for arm in args.arms:
             rec = train_arm(arm, seed, student, teacher, data, work, args)
             path = work / "runs" / f"{arm}-seed{seed}" / "judge.json"
-            if not path.exists():
+            if not path.exists() or "answers" not in json.loads(path.read_text()):  # judged before it kept them
                 path.write_text(json.dumps(judged(str(path.parent)), indent=2, ensure_ascii=False))
             rec["judge"] = json.loads(path.read_text())
             runs.setdefault(arm, {})[seed] = rec
@@ -133,8 +133,10 @@ def main() -> None:
     summary = {arm: {"what": ARMS[arm][0], "seeds": sorted(by),
                      **{m: spread([by[s]["judge"][m] for s in sorted(by)]) for m in ("kl_per_byte", "nll_per_byte", "rouge_l")},
                      "wall_s": spread([by[s]["wall_s"] for s in sorted(by)]),
-                     "aligned_token_share": by[min(by)]["final"].get("aligned_token_share")}
-               for arm, by in runs.items()}
+                     "aligned_token_share": by[min(by)]["final"].get("aligned_token_share"),
+                     "answers": {name: spread([x[name] for x in shapes]) for name in shapes[0]}}
+               for arm, by in runs.items()
+               for shapes in [[answer_shape(by[s]["judge"]["answers"], heldout_answers) for s in sorted(by)]]}
     checks = {}
     if {"logits", "sequence"} <= set(runs):
         common = sorted(set(runs["logits"]) & set(runs["sequence"]))
@@ -154,7 +156,7 @@ def main() -> None:
                         "student": ("tiny Llama" if args.quick else f"8 of the teacher's 30 layers ({args.student_layers})")
                                    + " with Llama 2's tokenizer (aitraining transplant)",
                         "judge": "per-byte NLL of the teacher's held-out answers minus the teacher's; ROUGE-L"},
-              "untrained_student": {k: v for k, v in untrained.items() if k != "samples"},
+              "untrained_student": {k: v for k, v in untrained.items() if k not in ("samples", "answers")},
               "arms": summary, "targets": checks,
               "runs": {a: {str(s): r for s, r in v.items()} for a, v in runs.items()}}
     write_json(args.out, result)

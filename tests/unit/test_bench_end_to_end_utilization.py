@@ -138,6 +138,7 @@ def test_cross_tokenizer_quick(tmp_path: Path) -> None:
     assert "across vocabularies" in runs["logits"]["0"]["path"] and "sequence" in runs["sequence"]["0"]["path"]
     assert 0 < result["arms"]["logits"]["aligned_token_share"] <= 1
     assert result["arms"]["logits"]["rouge_minus_sequence_interval"]["prompts"] == 6
+    assert 0 <= result["arms"]["sequence"]["answers"]["repeated_trigrams"]["mean"] <= 1
     assert set(result["targets"]) == {"logits_closer_on_text", "logits_closer_every_seed", "logits_rouge_higher",
                                       "logits_rouge_higher_every_seed"}
 
