@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "4 minutes for a 135M model on two CPU cores); even: evenly spaced, first and last "
                             "kept (instant, much further from the original); or the 0-based layers to keep, e.g. a "
                             "measured choice again")
+    prune.add_argument("--calibration-data", default=None, metavar="PATH",
+                       help="with --layers measured: measure on up to 16 prompts spread over this data (the formats "
+                            "of --data-path) instead of built-in English ones; use your own kind of text")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     prune.add_argument("--trust-remote-code", action="store_true", help="run model code from the repository")
     prune.add_argument("--allow-pickle-weights", action="store_true", help=PICKLE_HELP)
@@ -203,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             from aitraining.models import prune_to_folder
 
             out = prune_to_folder(ns.model, ns.num_layers, ns.output, overwrite=ns.overwrite, layers=ns.layers,
-                                  trust_remote_code=ns.trust_remote_code, allow_pickle=ns.allow_pickle_weights)
+                                  trust_remote_code=ns.trust_remote_code, allow_pickle=ns.allow_pickle_weights,
+                                  calibration_data=ns.calibration_data)
             print(f"done: {out}")
             return 0
         if ns.command == "transplant":

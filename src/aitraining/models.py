@@ -537,16 +537,39 @@ CALIBRATION_PROMPTS = (
 )
 
 
+def calibration_prompts(path: str, n: int = len(CALIBRATION_PROMPTS)) -> list[str]:
+    """``--calibration-data``: up to ``n`` user prompts spread evenly over a data file or folder in the formats
+    of ``--data-path`` (prompt-only rows, pairs or conversations: the last user turn before any answer), so that
+    `choose_layers` measures the pruned model on the kind of text it will be trained and used on.
+
+    Raises:
+        UserError: the data cannot be read or holds no prompt (the message names --calibration-data).
+    """
+    from aitraining.data import read_examples
+    from aitraining.params import LLMTrainingParams
+
+    params = LLMTrainingParams(model="-", teacher_model="-", data_path=path, use_distillation=True, holdout_share=0.0)
+    try:
+        examples = read_examples(params).train
+    except UserError as e:
+        raise UserError(str(e).replace("--data-path", "--calibration-data")) from None
+    prompts = [ex.messages[-1]["content"] for ex in examples if ex.messages]
+    if len(prompts) > n:
+        prompts = [prompts[i * len(prompts) // n] for i in range(n)]
+    return prompts
+
+
 @dataclass
 class LayerChoice:
     """The decoder layers `choose_layers` keeps, and how far the pruned model's answers are from the
     original's: mean per-token KL(original || pruned) on the original's greedy answers to the calibration
-    prompts, for the chosen layers and for evenly spaced ones."""
+    prompts (``prompts`` of them, ``tokens`` answer tokens), for the chosen layers and for evenly spaced ones."""
 
     kept: list[int]
     kl: float
     even_kl: float
     tokens: int
+    prompts: int = len(CALIBRATION_PROMPTS)
 
 
 @contextlib.contextmanager
@@ -678,7 +701,8 @@ def choose_layers(
         for _, layer in trials[:drop]:
             kept.remove(layer)
     bar.close()
-    return LayerChoice(kept, _kl_without(model, cal, kept), _kl_without(model, cal, even), int(cal.scored.sum()))
+    return LayerChoice(kept, _kl_without(model, cal, kept), _kl_without(model, cal, even), int(cal.scored.sum()),
+                       len(prompts))
 
 
 # Note [Choosing layers]
@@ -717,13 +741,15 @@ def _clear_stale_weights(output: Path) -> None:
             stale.unlink()
 
 
-def _pruned_readme(model_name: str, kept: list[int], total: int, choice: LayerChoice | None) -> str:
+def _pruned_readme(model_name: str, kept: list[int], total: int, choice: LayerChoice | None,
+                   calibration_data: str | None = None) -> str:
     """Model card for a depth-pruned student."""
     even = kept == kept_layer_indices(total, len(kept))
+    source = f" from `{calibration_data}`" if calibration_data else ""
     how = ("evenly spaced with the first and last kept" if choice is None and even else
            "as given to `aitraining prune --layers`" if choice is None else
            f"chosen by measurement: KL(original || pruned) {choice.kl:.2f} per token on the original's answers "
-           f"to {len(CALIBRATION_PROMPTS)} calibration prompts ({choice.tokens} tokens), where evenly spaced layers "
+           f"to {choice.prompts} calibration prompts{source} ({choice.tokens} tokens), where evenly spaced layers "
            f"give {choice.even_kl:.2f}")
     return (
         "# Depth-pruned student model\n\n"
@@ -773,6 +799,7 @@ def prune_to_folder(
     token: str | None = None,
     allow_pickle: bool = False,
     layers: str = "measured",
+    calibration_data: str | None = None,
 ) -> str:
     """Depth-prune a model and save it, with its tokenizer and a short README, to ``output``.
 
@@ -783,6 +810,8 @@ def prune_to_folder(
         layers: ``"measured"``: the layers whose removal changes the model's answers least (`choose_layers`);
             ``"even"``: evenly spaced, first and last kept (instant, and much further from the original); or the
             0-based indices to keep, comma-separated (e.g. a measured choice from an earlier pruned model's README).
+        calibration_data: with ``"measured"``, a data file or folder (the formats of ``--data-path``) whose prompts
+            the layers are measured on (`calibration_prompts`) instead of the built-in English ones.
         overwrite: Write into a non-empty folder (old weight files there are removed first).
         trust_remote_code: Allow model code from the hub.
         token: Hub token for private models.
@@ -794,6 +823,10 @@ def prune_to_folder(
         UserError: ``output`` is a file, or non-empty without ``overwrite``; or loading/pruning failed.
     """
     out = _output_folder(output, overwrite)
+    if calibration_data is not None and layers != "measured":
+        raise UserError(f"--calibration-data: only --layers measured measures anything (--layers {layers} does not); "
+                        "drop one of the two")
+    prompts = calibration_prompts(calibration_data) if calibration_data is not None else CALIBRATION_PROMPTS
 
     tokenizer, model = load_tokenizer_and_model(model_name, trust_remote_code=trust_remote_code, token=token,
                                                 allow_pickle=allow_pickle)
@@ -801,7 +834,7 @@ def prune_to_folder(
     kept = kept_layer_indices(total, num_layers)  # evenly spaced; and the range check, before any measuring
     if layers not in ("measured", "even"):
         kept = _layer_list(layers, num_layers, total)
-    choice = choose_layers(model, tokenizer, num_layers) if layers == "measured" else None
+    choice = choose_layers(model, tokenizer, num_layers, prompts=prompts) if layers == "measured" else None
     if choice:
         kept = choice.kept
         log.info("kept layers %s: KL to the original %.3f per answer token (evenly spaced: %.3f)", kept, choice.kl,
@@ -814,7 +847,7 @@ def prune_to_folder(
         _clear_stale_weights(out)
     pruned.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    (out / "README.md").write_text(_pruned_readme(model_name, kept, total, choice), encoding="utf-8")
+    (out / "README.md").write_text(_pruned_readme(model_name, kept, total, choice, calibration_data), encoding="utf-8")
     log.info("saved %d-layer student pruned from %s to %s", num_layers, model_name, out)
     return output
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -518,11 +519,67 @@ def test_prune_to_folder(tiny6_dir: str, tmp_path: Path, monkeypatch: pytest.Mon
     from aitraining import models as models_module
 
     real = models_module.choose_layers  # measured on two short answers (the 16 prompts cost seconds of a CPU)
-    monkeypatch.setattr(models_module, "choose_layers", lambda *a: real(*a, prompts=["Hi", "Name a colour."], max_new_tokens=6))
+    monkeypatch.setattr(models_module, "choose_layers",
+                        lambda *a, **k: real(*a, **{**k, "prompts": ["Hi", "Name a colour."], "max_new_tokens": 6}))
     measured = tmp_path / "measured"
     prune_to_folder(tiny6_dir, 2, str(measured))  # the default: layers chosen by measurement
     assert AutoModelForCausalLM.from_pretrained(str(measured)).config.num_hidden_layers == 2
     assert "chosen by measurement: KL(original || pruned)" in (measured / "README.md").read_text(encoding="utf-8")
+    assert "to 2 calibration prompts (" in (measured / "README.md").read_text(encoding="utf-8")
+
+
+def test_calibration_prompts_from_the_users_data(tmp_path: Path) -> None:
+    """--calibration-data: the user turns of any documented row format, at most n of them spread over the file."""
+    from aitraining.models import calibration_prompts
+
+    def write(name: str, rows: list[dict[str, Any]]) -> str:
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return str(tmp_path / name)
+
+    prompts = write("prompts.jsonl", [{"text": f"prompt {i}"} for i in range(40)])
+    assert calibration_prompts(prompts, n=100) == [f"prompt {i}" for i in range(40)]
+    assert calibration_prompts(prompts, n=4) == ["prompt 0", "prompt 10", "prompt 20", "prompt 30"]
+    assert calibration_prompts(write("pairs.jsonl", [{"prompt": "a pair's prompt", "response": "its answer"}])) == [
+        "a pair's prompt"]
+    chats = write("chats.jsonl", [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first turn"},
+                      {"role": "assistant", "content": "ok"}, {"role": "user", "content": "the last question"}]},
+        {"messages": [{"role": "user", "content": "asked"}, {"role": "assistant", "content": "answered"}]}])
+    assert calibration_prompts(chats) == ["the last question", "asked"]
+    with pytest.raises(UserError, match=r"^--calibration-data: .*missing"):
+        calibration_prompts(str(tmp_path / "missing.jsonl"))
+
+
+def test_prune_measures_on_the_calibration_data(tiny6_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`aitraining prune --calibration-data`: the layers are measured on the user's prompts (the model answers
+    those), the README says so; with --layers even or a missing file: one line, exit 2, nothing written."""
+    from aitraining import models as models_module
+    from aitraining.cli import main
+
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"text": "Bonjour, comment vas-tu ?"}\n{"text": "Compte jusqu\'a trois."}\n', encoding="utf-8")
+    asked: list[list[str]] = []
+    real = models_module.choose_layers
+
+    def spy(*a: Any, **k: Any) -> Any:
+        asked.append(list(k["prompts"]))
+        return real(*a, **{**k, "max_new_tokens": 4})
+
+    monkeypatch.setattr(models_module, "choose_layers", spy)
+    output = tmp_path / "student"
+    assert main(["prune", "--model", tiny6_dir, "--num-layers", "2", "--output", str(output),
+                 "--calibration-data", str(data)]) == 0
+    assert asked == [["Bonjour, comment vas-tu ?", "Compte jusqu'a trois."]]
+    assert f"2 calibration prompts from `{data}`" in (output / "README.md").read_text(encoding="utf-8")
+    capsys.readouterr()
+    for extra in (["--layers", "even"], ["--calibration-data", str(tmp_path / "none.jsonl")]):
+        argv = ["prune", "--model", tiny6_dir, "--num-layers", "2", "--output", str(tmp_path / "bad"),
+                "--calibration-data", str(data), *extra]
+        assert main(argv) == 2
+        err = [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("Loading weights")]
+        assert len(err) == 1 and err[0].startswith("aitraining: error: --calibration-data: "), err
+    assert not (tmp_path / "bad").exists() and len(asked) == 1
 
 
 def test_prune_to_folder_refuses_non_empty_output(tiny6_dir: str, tmp_path: Path) -> None:
