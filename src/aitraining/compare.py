@@ -28,8 +28,14 @@ ROLES = ("distilled", "baseline", "teacher")
 
 
 def baseline_params(params: LLMTrainingParams, folder: RunFolder) -> LLMTrainingParams:
-    return params.model_copy(update={"use_distillation": False, "compare_baseline": False, "overwrite": True,
-                                     "resume_from_checkpoint": None, "project_name": folder.file("baseline")})
+    """The baseline's run: the distilled run's settings without distillation, in `<project>/baseline/`. When the
+    distilled run resumes (--resume-from-checkpoint) the baseline resumes too, from its own latest checkpoint,
+    if it has one of the same run (an interrupted or finished baseline is never trained again from scratch)."""
+    bparams = params.model_copy(update={"use_distillation": False, "compare_baseline": False, "overwrite": True,
+                                        "resume_from_checkpoint": None, "project_name": folder.file("baseline")})
+    if params.resume_from_checkpoint and RunFolder(bparams, is_main=False).resumable():
+        bparams = bparams.model_copy(update={"resume_from_checkpoint": "latest"})
+    return bparams
 
 
 def compare_with_baseline(params: LLMTrainingParams, data: Any, folder: RunFolder, accelerator: Any, *,

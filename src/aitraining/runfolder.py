@@ -241,6 +241,11 @@ class RunFolder:
         found = [d for d in os.listdir(self.path) if d.startswith(CHECKPOINT_PREFIX) and not d.endswith(".tmp")]
         return sorted(found, key=lambda d: checkpoint_time(self.file(d)))
 
+    def resumable(self) -> bool:
+        """Whether the folder holds a complete checkpoint of this same run (its run.json names this run)."""
+        return (os.path.exists(self.file(RUN_FILE)) and _read_json(self.file(RUN_FILE)).get("identity") == identity(self.params)
+                and bool(self.checkpoints()))
+
     def find_checkpoint(self, choice: str) -> str:
         if choice != "latest":
             return choice

@@ -117,6 +117,45 @@ def test_compare_baseline_trains_the_same_student_without_distillation_and_judge
     assert not (project / "baseline" / "teacher_outputs.jsonl").exists()
 
 
+def test_compare_baseline_interrupted_in_the_baseline_resumes_the_baseline(tiny_student, tiny_teacher, tmp_path,
+                                                                           monkeypatch):
+    """Ctrl-C while the baseline trains, then the same command with --resume-from-checkpoint latest: the baseline
+    continues from its own checkpoint (not from scratch) and ends with the uninterrupted baseline's weights."""
+    import aitraining.train as train_mod
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows(24))
+    steps = {"n": 0}
+    real_add = train_mod._Stats.add
+
+    def counted(self, *a, **kw):
+        real_add(self, *a, **kw)
+        steps["n"] += 1
+
+    monkeypatch.setattr(train_mod._Stats, "add", counted)
+    full = tmp_path / "full"
+    assert distill(tiny_student, tiny_teacher, data, full, "--compare-baseline", "--epochs", "2") == 0
+    per_run = steps["n"] // 2  # the distilled run's steps, then the baseline's as many
+
+    def interrupted(self, *a, **kw):
+        counted(self, *a, **kw)
+        if steps["n"] == per_run + per_run // 2 + 1:  # in the baseline's second epoch
+            raise KeyboardInterrupt
+
+    steps["n"] = 0
+    monkeypatch.setattr(train_mod._Stats, "add", interrupted)
+    project = tmp_path / "cmp"
+    assert distill(tiny_student, tiny_teacher, data, project, "--compare-baseline", "--epochs", "2") == 130
+    assert any((project / "baseline").glob("checkpoint-*")) and not (project / "comparison.json").exists()
+    steps["n"] = 0
+    monkeypatch.setattr(train_mod._Stats, "add", counted)
+    assert distill(tiny_student, tiny_teacher, data, project, "--compare-baseline", "--epochs", "2",
+                   "--resume-from-checkpoint", "latest") == 0
+    assert steps["n"] == per_run - per_run // 2  # the distilled run had finished; the baseline did what was left
+    assert_same_weights(full / "baseline", project / "baseline", atol=1e-6)
+    assert_same_weights(full, project, atol=1e-6)
+    assert (project / "comparison.json").exists()
+
+
 def test_compare_baseline_without_held_out_rows_is_refused_before_anything_runs(tiny_student, tiny_teacher, tmp_path,
                                                                                  capsys):
     data = write_jsonl(tmp_path / "d.jsonl", rows(8))
