@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from _measure import describe_machine, format_table, measure_command, utc_now_iso, write_json  # noqa: E402
-from quality import STUDENT_FOLDER, answer_shape, same_command, setup, teacher_answers, write_jsonl  # noqa: E402
+from quality import add_student_layers, answer_shape, same_command, setup, teacher_answers, write_jsonl  # noqa: E402
 
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sequence": ("the teacher's answers as text (--distill-mode sequence)", ("--distill-mode", "sequence")),
@@ -85,9 +85,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--max-new-tokens", type=int, default=64, help="longest teacher answer, in teacher tokens")
-    ap.add_argument("--student-layers", choices=list(STUDENT_FOLDER), default="even",
-                    help="which 8 of the teacher's layers the student keeps before its tokenizer is changed "
-                         "(`aitraining prune --layers`; the published table: even)")
+    add_student_layers(ap, "even", "kept before its tokenizer is changed; the published table: even")
     ap.add_argument("--work", default=str(HERE / ".work" / "cross_tokenizer"))
     ap.add_argument("--out", default=str(HERE / "results" / "cross_tokenizer.json"))
     ap.add_argument("--quick", action="store_true", help="tiny models, 12 + 6 prompts, one epoch: for the tests")

@@ -50,6 +50,12 @@ DISTILL = ("--use-distillation",)
 # the runs made before measured pruning were recorded with).
 STUDENT_FOLDER = {"measured": "student-8-measured", "even": "student-8-layers"}
 
+
+def add_student_layers(ap: argparse.ArgumentParser, default: str, note: str) -> None:
+    """``--student-layers``, the same choice in every benchmark that cuts the 8-layer student from the teacher."""
+    ap.add_argument("--student-layers", choices=list(STUDENT_FOLDER), default=default,
+                    help=f"which 8 of the teacher's layers the student keeps (`aitraining prune --layers`); {note}")
+
 # name -> (what it is, extra flags). Every arm also gets the common budget flags (see `train_argv`).
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "baseline": ("no distillation: fine-tuned on the teacher's answers", ()),
@@ -328,9 +334,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--max-new-tokens", type=int, default=64, help="longest teacher answer")
-    ap.add_argument("--student-layers", choices=list(STUDENT_FOLDER), default="measured",
-                    help="which 8 layers the student keeps (`aitraining prune --layers`); the tables before "
-                         "2026-11-29's sixth session used even")
+    add_student_layers(ap, "measured", "the tables before 2026-11-29's sixth session used even")
     ap.add_argument("--work", default=str(HERE / ".work" / "quality-measured"), help="runs and teacher answers (reused)")
     ap.add_argument("--out", default=str(HERE / "results" / "quality.json"))
     ap.add_argument("--quick", action="store_true", help="tiny models, 12 + 6 prompts, one epoch: for the tests")

@@ -39,6 +39,7 @@ from quality import (  # noqa: E402
     N_HELDOUT,
     STUDENT_FOLDER,
     TRAIN_PROMPTS,
+    add_student_layers,
     make_judge,
     read_prompts,
     teacher_answers,
@@ -129,9 +130,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--trl-bf16", action="store_true", help="TRL in bfloat16 autocast (default: its float32)")
     ap.add_argument("--trl-venv", default=str(HERE / ".work" / "trl-venv"))
-    ap.add_argument("--student-layers", choices=list(STUDENT_FOLDER), default="even",
-                    help="which 8 of the teacher's layers the student keeps (`aitraining prune --layers`; the "
-                         "published table: even)")
+    add_student_layers(ap, "even", "the published table: even")
     ap.add_argument("--work", default=str(HERE / ".work" / "vs_trl"))
     ap.add_argument("--out", default=str(HERE / "results" / "vs_trl.json"))
     ap.add_argument("--quick", action="store_true", help="tiny models; TRL only if its venv already exists")
