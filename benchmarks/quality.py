@@ -233,16 +233,11 @@ def spread(values: list[float]) -> dict[str, float]:
 def answer_shape(answers: list[str], references: list[str]) -> dict[str, float]:
     """What ROUGE-L is made of, for reading it: words per answer, the share of an answer's word trigrams that
     repeat an earlier one (loops), and ROUGE-L's precision and recall (the F-measure is their harmonic mean)."""
-    from aitraining.evaluate import rouge_l
+    from aitraining.evaluate import repeated_trigrams, rouge_l
 
     scores = rouge_l(answers, references)
-
-    def repeated(words: list[str]) -> float:
-        trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
-        return 1 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
-
     return {"words": statistics.fmean(len(a.split()) for a in answers),
-            "repeated_trigrams": statistics.fmean(repeated(a.split()) for a in answers),
+            "repeated_trigrams": statistics.fmean(repeated_trigrams(a) for a in answers),
             "rouge_l_precision": statistics.fmean(x.precision for x in scores),
             "rouge_l_recall": statistics.fmean(x.recall for x in scores)}
 

@@ -148,6 +148,7 @@ def _eval(ns: argparse.Namespace) -> int:
     else:
         for role, row in record["models"].items():
             print(f"{role}: KL per byte {row['kl_per_byte']:.4f}, ROUGE-L {row['rouge_l']:.3f}, "
+                  f"repeated trigrams {row['repetition']:.1%}, "
                   f"{row['parameters']:,} parameters, {row['tokens_per_s']:.1f} tokens/s")
     print(f"wrote {output}")
     return 0

@@ -97,13 +97,14 @@ def judge(params: LLMTrainingParams, data: Any, students: dict[str, str], *, sho
 def table(result: dict[str, Any], roles: list[str] | None = None) -> list[str]:
     """The comparison as Markdown table lines (also what the console shows)."""
     m = result["models"]
-    lines = ["| | KL(teacher ‖ model) | top-1 agreement | perplexity | ROUGE-L | parameters | on disk | tokens/s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| | KL(teacher ‖ model) | top-1 agreement | perplexity | ROUGE-L | repeated trigrams | parameters | on disk "
+             "| tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
     for role in roles or ROLES:
         r = m[role]
         disk = f"{r['disk_bytes'] / 2**20:.0f} MiB" if r.get("disk_bytes") else "-"
+        loops = f"{r['repetition']:.1%}" if "repetition" in r else "-"  # comparisons written before it existed
         lines.append(f"| {role} | {r['kl_to_teacher']:.3f} | {r['top1_agreement']:.1%} | {r['perplexity']:.2f} | "
-                     f"{r['rouge_l']:.3f} | {r['parameters']:,} | {disk} | {r['tokens_per_s']:.1f} |")
+                     f"{r['rouge_l']:.3f} | {loops} | {r['parameters']:,} | {disk} | {r['tokens_per_s']:.1f} |")
     return lines
 
 

@@ -137,6 +137,19 @@ def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> lis
     return [score.fmeasure for score in rouge_l(predictions, references)]
 
 
+def repeated_trigrams(answer: str) -> float:
+    """The share of an answer's word trigrams that repeat an earlier one: 0 for text that never repeats itself,
+    near 1 for a loop ("the list of the list of ..."); 0 under three words. Small students that write a teacher's
+    words in order may still loop under greedy decoding, which ROUGE-L alone does not show."""
+    words = answer.split()
+    trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return 1 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
 
 class TeacherReference:
     """The teacher's exact distribution on its own answers to held-out prompts, computed once (its final hidden
@@ -214,8 +227,9 @@ class TeacherReference:
                     written[i] = self.tokenizer.decode(out, skip_special_tokens=True)
         scores = rouge_l_scores(written, self.answers)
         return {"kl_to_teacher": metrics["kl_to_teacher"], "top1_agreement": metrics["top1_agreement"],
-                "ce": metrics["ce"], "perplexity": metrics["perplexity"], "rouge_l": sum(scores) / max(len(scores), 1),
-                "rouge_l_per_answer": scores, "n_tokens": metrics["n_tokens"], "answers": written}
+                "ce": metrics["ce"], "perplexity": metrics["perplexity"], "rouge_l": _mean(scores),
+                "rouge_l_per_answer": scores, "repetition": _mean([repeated_trigrams(a) for a in written]),
+                "n_tokens": metrics["n_tokens"], "answers": written}
 
 
 @torch.no_grad()
@@ -310,7 +324,8 @@ class TextReference:
         scores = rouge_l_scores(written, self.answers)
         return {"kl_per_byte": (nll - self.teacher_nll) / self.bytes, "nll_per_byte": nll / self.bytes,
                 "teacher_nll_per_byte": self.teacher_nll / self.bytes, "bytes": self.bytes,
-                "rouge_l": sum(scores) / max(len(scores), 1), "rouge_l_per_answer": scores, "answers": written}
+                "rouge_l": _mean(scores), "rouge_l_per_answer": scores,
+                "repetition": _mean([repeated_trigrams(a) for a in written]), "answers": written}
 
 
 def prompt_text(ex: Any) -> str:
@@ -380,7 +395,7 @@ def judge_models(reference: TeacherReference, folders: dict[str, str], params: L
                                       allow_pickle=params.allow_pickle_weights, token=params.token, flag=flag)
         got = reference.compare(model, show_progress=show_progress)
         rows[role] = {"model": name, **{k: got[k] for k in ("kl_to_teacher", "top1_agreement", "ce", "perplexity",
-                                                           "rouge_l", "rouge_l_per_answer")},
+                                                           "rouge_l", "rouge_l_per_answer", "repetition")},
                       **model_facts(name, model, speed_prompts, pad=reference.pad), "answers": got["answers"]}
         del model
     return {"held_out_rows": len(reference.items),
@@ -407,7 +422,8 @@ def judge_on_text(teacher: str, rows: Sequence[tuple[str, str]], folders: dict[s
         got = reference.compare(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         prompts = reference._prompt_ids(tokenizer, params.student_prompt_template)[:4]
-        out[role] = {"model": name, **{k: got[k] for k in ("kl_per_byte", "nll_per_byte", "rouge_l", "rouge_l_per_answer")},
+        out[role] = {"model": name, **{k: got[k] for k in ("kl_per_byte", "nll_per_byte", "rouge_l", "rouge_l_per_answer",
+                                                          "repetition")},
                      **model_facts(name, model, prompts, pad=pad), "answers": got["answers"]}
         del model
     return {"held_out_rows": len(rows), "held_out_bytes": reference.bytes,

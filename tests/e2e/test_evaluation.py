@@ -101,12 +101,14 @@ def test_compare_baseline_trains_the_same_student_without_distillation_and_judge
     assert teacher["kl_to_teacher"] == pytest.approx(0, abs=1e-4) and teacher["top1_agreement"] == 1.0
     assert distilled["kl_to_teacher"] > 0 and distilled["parameters"] < teacher["parameters"]
     assert distilled["disk_bytes"] > 0 and distilled["tokens_per_s"] > 0
+    assert all(0 <= cmp["models"][role]["repetition"] <= 1 for role in ("distilled", "baseline", "teacher"))
     # Training's evaluation reads the cached teacher (its head plus one bucket for the rest: a lower bound of
     # the KL); the judge has the exact distribution. Same row, same student: exact >= bound.
     last_eval = [m for m in metrics(project) if "eval_kl_to_teacher" in m][-1]
     assert distilled["kl_to_teacher"] >= last_eval["eval_kl_to_teacher"] - 1e-6
     out = capsys.readouterr().out
     assert "| distilled |" in out and "| baseline |" in out and "the distilled student is" in out
+    assert "| repeated trigrams |" in out
     card = (project / "README.md").read_text()
     assert "## With and without distillation" in card and "![comparison](comparison.png)" in card
     for picture in ("comparison.png", "training_curves.png"):
@@ -200,7 +202,7 @@ def test_eval_command_names_a_bad_row_or_leaves_it_out(tiny_student, tiny_teache
     assert json.loads((tmp_path / "eval.json").read_text())["held_out_rows"] == 2
 
 
-def test_eval_command_across_tokenizers_judges_on_text(real_tokenizers, tiny_teacher, tmp_path):
+def test_eval_command_across_tokenizers_judges_on_text(real_tokenizers, tiny_teacher, tmp_path, capsys):
     student = other_tokenizer_student(real_tokenizers["llama-spm"], tmp_path / "spm-student")
     data = write_jsonl(tmp_path / "held.jsonl", rows(2))
     out = tmp_path / "eval.json"
@@ -209,6 +211,8 @@ def test_eval_command_across_tokenizers_judges_on_text(real_tokenizers, tiny_tea
     record = json.loads(out.read_text())
     assert record["models"]["teacher"]["kl_per_byte"] == pytest.approx(0, abs=1e-4)
     assert record["models"]["model"]["kl_per_byte"] > 0
+    assert 0 <= record["models"]["model"]["repetition"] <= 1
+    assert "model: KL per byte" in capsys.readouterr().out
 
 
 def test_eval_command_bad_input_is_one_line(tmp_path, capsys):

@@ -78,7 +78,9 @@ RESULT = {
 
 def test_comparison_table_verdict_samples_and_card_section(tmp_path):
     lines = compare.table(RESULT)
-    assert lines[2] == "| distilled | 4.400 | 19.0% | 190.00 | 0.120 | 56,000,000 | 224 MiB | 80.0 |"
+    assert lines[2] == "| distilled | 4.400 | 19.0% | 190.00 | 0.120 | - | 56,000,000 | 224 MiB | 80.0 |"
+    looping = {**RESULT, "models": {**RESULT["models"], "distilled": {**RESULT["models"]["distilled"], "repetition": 0.25}}}
+    assert compare.table(looping)[2] == "| distilled | 4.400 | 19.0% | 190.00 | 0.120 | 25.0% | 56,000,000 | 224 MiB | 80.0 |"
     assert compare.verdict(RESULT).startswith("the distilled student is closer to the teacher than the baseline: "
                                               "KL 4.400 vs 6.700 (0.66x)")
     worse = {**RESULT, "models": {**RESULT["models"], "distilled": {**RESULT["models"]["distilled"], "kl_to_teacher": 7.0}}}
@@ -99,6 +101,15 @@ def test_comparison_table_verdict_samples_and_card_section(tmp_path):
     text = (tmp_path / "README.md").read_text()
     assert text.count("## With and without distillation") == 1
     assert "![comparison](comparison.png)" in text and text.index("## With and without") < text.index("## Use")
+
+
+def test_repeated_trigrams_counted_by_hand():
+    from aitraining.evaluate import repeated_trigrams
+
+    # "a b c a b c": trigrams abc, bca, cab, abc; the last repeats the first: 1 of 4.
+    assert repeated_trigrams("a b c a b c") == 0.25
+    assert repeated_trigrams("the list of the list of the list of") == 4 / 7  # 7 trigrams, 3 distinct
+    assert repeated_trigrams("no loop here at all") == 0.0 and repeated_trigrams("two words") == 0.0
 
 
 def test_pictures_are_real_pngs(tmp_path):
