@@ -56,6 +56,7 @@ def add_student_layers(ap: argparse.ArgumentParser, default: str, note: str) -> 
     ap.add_argument("--student-layers", choices=list(STUDENT_FOLDER), default=default,
                     help=f"which 8 of the teacher's layers the student keeps (`aitraining prune --layers`); {note}")
 
+
 # name -> (what it is, extra flags). Every arm also gets the common budget flags (see `train_argv`).
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "baseline": ("no distillation: fine-tuned on the teacher's answers", ()),
@@ -349,10 +350,10 @@ def main() -> None:
     if not untrained_path.exists():
         untrained_path.write_text(json.dumps(judge(student), indent=2, ensure_ascii=False))
     untrained = json.loads(untrained_path.read_text())
+    from aitraining import models
+
     teacher_path = work / "judge" / f"teacher-copying-{key}.json"
     if not teacher_path.exists():
-        from aitraining import models
-
         teacher_path.write_text(json.dumps(copying(models.load_causal_lm(teacher), judge.items), indent=2))
     teacher_copying = json.loads(teacher_path.read_text())
     runs: dict[str, dict[int, dict[str, Any]]] = {}
@@ -368,8 +369,6 @@ def main() -> None:
                 judged.write_text(json.dumps(judge(str(judged.parent)), indent=2, ensure_ascii=False))
             rec["judge"] = json.loads(judged.read_text())
             if "copy_top1" not in rec["judge"]:  # judged before `copying` existed: add it, the rest stands
-                from aitraining import models
-
                 rec["judge"].update(copying(models.load_causal_lm(str(judged.parent)), judge.items))
                 judged.write_text(json.dumps(rec["judge"], indent=2, ensure_ascii=False))
             runs.setdefault(arm, {})[seed] = rec

@@ -150,7 +150,6 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / max(len(values), 1)
 
 
-
 class TeacherReference:
     """The teacher's exact distribution on its own answers to held-out prompts, computed once (its final hidden
     states at every answer token: small), then any student compared to it with `compare`.
