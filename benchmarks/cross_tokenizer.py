@@ -128,13 +128,14 @@ def main() -> None:
     def spread(values: list[float]) -> dict[str, float]:
         return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
 
+    shapes = {arm: [answer_shape(by[s]["judge"]["answers"], heldout_answers) for s in sorted(by)]
+              for arm, by in runs.items()}
     summary = {arm: {"what": ARMS[arm][0], "seeds": sorted(by),
                      **{m: spread([by[s]["judge"][m] for s in sorted(by)]) for m in ("kl_per_byte", "nll_per_byte", "rouge_l")},
                      "wall_s": spread([by[s]["wall_s"] for s in sorted(by)]),
                      "aligned_token_share": by[min(by)]["final"].get("aligned_token_share"),
-                     "answers": {name: spread([x[name] for x in shapes]) for name in shapes[0]}}
-               for arm, by in runs.items()
-               for shapes in [[answer_shape(by[s]["judge"]["answers"], heldout_answers) for s in sorted(by)]]}
+                     "answers": {name: spread([x[name] for x in shapes[arm]]) for name in shapes[arm][0]}}
+               for arm, by in runs.items()}
     checks = {}
     if {"logits", "sequence"} <= set(runs):
         common = sorted(set(runs["logits"]) & set(runs["sequence"]))
