@@ -546,6 +546,7 @@ def calibration_prompts(path: str, n: int = len(CALIBRATION_PROMPTS)) -> list[st
         UserError: the data cannot be read or holds no prompt (the message names --calibration-data).
     """
     from aitraining.data import read_examples
+    from aitraining.evaluate import prompt_text
     from aitraining.params import LLMTrainingParams
 
     params = LLMTrainingParams(model="-", teacher_model="-", data_path=path, use_distillation=True, holdout_share=0.0)
@@ -553,7 +554,7 @@ def calibration_prompts(path: str, n: int = len(CALIBRATION_PROMPTS)) -> list[st
         examples = read_examples(params).train
     except UserError as e:
         raise UserError(str(e).replace("--data-path", "--calibration-data")) from None
-    prompts = [ex.messages[-1]["content"] for ex in examples if ex.messages]
+    prompts = [prompt_text(ex) for ex in examples]
     if len(prompts) > n:
         prompts = [prompts[i * len(prompts) // n] for i in range(n)]
     return prompts

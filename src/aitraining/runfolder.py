@@ -128,7 +128,8 @@ class RunFolder:
         if self.is_main:
             os.makedirs(self.path, exist_ok=True)
             self.lock()
-            if os.path.exists(self.file(RUN_FILE)) and _read_json(self.file(RUN_FILE)).get("identity") != identity(self.params):
+            recorded = self._recorded_identity()
+            if recorded is not None and recorded != identity(self.params):
                 for name in os.listdir(self.path):
                     if name.startswith(CHECKPOINT_PREFIX):
                         shutil.rmtree(self.file(name))
@@ -241,10 +242,13 @@ class RunFolder:
         found = [d for d in os.listdir(self.path) if d.startswith(CHECKPOINT_PREFIX) and not d.endswith(".tmp")]
         return sorted(found, key=lambda d: checkpoint_time(self.file(d)))
 
+    def _recorded_identity(self) -> str | None:
+        """The identity of the run this folder's run.json records, or None without one."""
+        return _read_json(self.file(RUN_FILE)).get("identity") if os.path.exists(self.file(RUN_FILE)) else None
+
     def resumable(self) -> bool:
         """Whether the folder holds a complete checkpoint of this same run (its run.json names this run)."""
-        return (os.path.exists(self.file(RUN_FILE)) and _read_json(self.file(RUN_FILE)).get("identity") == identity(self.params)
-                and bool(self.checkpoints()))
+        return self._recorded_identity() == identity(self.params) and bool(self.checkpoints())
 
     def find_checkpoint(self, choice: str) -> str:
         if choice != "latest":

@@ -19,7 +19,8 @@ def prompts_file(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def shared_data() -> Path:
+def real_data() -> Path:
+    """The real prompts the repository ships (benchmarks/data)."""
     return REAL_DATA
 
 

@@ -574,7 +574,7 @@ def test_a_live_teacher_with_another_tokenizer_is_a_clear_error(real_tokenizers,
     assert not (tmp_path / "x").exists()
 
 
-def test_bundled_teacher_prune_then_distill(bundled_gguf, smol_teacher_dir, shared_data, tmp_path):
+def test_bundled_teacher_prune_then_distill(bundled_gguf, smol_teacher_dir, real_data, tmp_path):
     """The real thing, small, at the defaults (the cached signal): an 8-layer student cut from the bundled
     SmolLM2 teacher, distilled from the GGUF file itself on 8 real prompts, ends closer to its teacher on 3 held-out
     ones (exact KL at T = 1, the float32 teacher: the same weights as a folder, which loads without the GGUF's
@@ -587,7 +587,7 @@ def test_bundled_teacher_prune_then_distill(bundled_gguf, smol_teacher_dir, shar
     # Cut from the same weights as a folder (the GGUF's reading costs seconds; the teacher below is the GGUF), evenly
     # spaced: measuring which layers to keep takes minutes on a CPU (tests/unit/test_models.py tests it).
     assert main(["prune", "--model", smol_teacher_dir, "--num-layers", "8", "--layers", "even", "--output", str(student)]) == 0
-    lines = (shared_data / "self_instruct_seed_prompts.jsonl").read_text().splitlines()
+    lines = (real_data / "self_instruct_seed_prompts.jsonl").read_text().splitlines()
     data = write_jsonl(tmp_path / "real.jsonl", [json.loads(x) for x in lines[:8]])
     project = tmp_path / "smol-distilled"
     assert main(["llm", "--train", "--model", str(student), "--teacher-model", bundled_gguf, "--data-path", data,

@@ -259,9 +259,9 @@ def test_checkpoints_are_self_describing(tiny_student, pairs_file, tmp_path):
     assert state["global_step"] == 4 and state["epoch"] == 1
 
 
-def test_shared_real_data_sft(tiny_student, shared_data, tmp_path):
+def test_shared_real_data_sft(tiny_student, real_data, tmp_path):
     project = tmp_path / "real"
-    assert cli("--model", tiny_student, "--data-path", str(shared_data / "user_oriented_pairs.jsonl"), "--project-name",
+    assert cli("--model", tiny_student, "--data-path", str(real_data / "user_oriented_pairs.jsonl"), "--project-name",
                str(project), "--max-samples", "24", "--batch-size", "8", "--block-size", "256", "--lr", "1e-3") == 0
     assert torch.isfinite(torch.tensor(json.loads((project / "run.json").read_text())["final_metrics"]["loss"]))
     shutil.rmtree(project)
