@@ -294,8 +294,6 @@ def vocabulary_map(student: Any, teacher: Any,
     if teacher.eos_token_id is not None and student.eos_token_id is not None:
         to_student[to_student == student.eos_token_id] = -1  # keep the map one-to-one
         to_student[teacher.eos_token_id] = student.eos_token_id
-    unshared = torch.ones(len(student), dtype=torch.bool)
-    unshared[to_student[to_student >= 0]] = False
     by_bytes = _ids_by_bytes(student, s_table)
     first_piece = to_student.clone()
     for i, b in enumerate(t_table):
@@ -305,7 +303,7 @@ def vocabulary_map(student: Any, teacher: Any,
             if b[:end] in by_bytes:
                 first_piece[i] = by_bytes[b[:end]]
                 break
-    return VocabularyMap(to_student, unshared, first_piece)
+    return VocabularyMap(to_student, first_piece, len(student))
 
 
 @dataclass(frozen=True)

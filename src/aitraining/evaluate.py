@@ -16,8 +16,8 @@ and by the demo:
   log-likelihood of the teacher's answers per byte, minus the teacher's own, and ROUGE-L.
 
 With a teacher of another vocabulary (`CrossTargets`) the in-training KL and top-1 agreement are taken at the
-student positions that have a teacher position predicting the same text, over the projected buckets
-(Note [Across vocabularies] in losses.py).
+student positions that have a teacher position predicting the same text, against the teacher's distribution
+projected onto the student's vocabulary (Note [Across vocabularies] in losses.py).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from aitraining.losses import CrossTargets, DenseTargets, Targets, bucket_log_probs, cross_bucket_log_probs, divergence
+from aitraining.losses import CrossTargets, DenseTargets, Targets, bucket_log_probs, divergence
 from aitraining.models import decoder, output_head
 from aitraining.objective import target_positions
 from aitraining.params import LLMTrainingParams
@@ -47,16 +47,15 @@ def kl_and_top1(student_logits: Tensor, teacher: Targets) -> tuple[Tensor, Tenso
 
     The KL is exact for a live teacher (whose logits are made once for both), and over the head's buckets plus
     the rest for cached targets (never the sampled estimate: a measurement must not be random). A teacher with
-    another vocabulary is compared where a teacher position predicts the same token, over what both
-    vocabularies can write (its top-1 is -1 where the student has no such token)."""
+    another vocabulary is compared where a teacher position predicts the same token, by its distribution
+    projected onto the student's vocabulary."""
     if isinstance(teacher, DenseTargets):
         z = teacher.logits(student_logits.shape[-1])
         kl = divergence(F.log_softmax(student_logits.float(), -1), F.log_softmax(z, -1), "forward_kl")
         return kl, z.argmax(-1), torch.ones_like(kl, dtype=torch.bool)
-    if isinstance(teacher, CrossTargets):
-        student, target = cross_bucket_log_probs(student_logits, teacher, 1.0)
-        kl = torch.where(teacher.aligned, divergence(student, target, "forward_kl"), 0.0)
-        return kl, teacher.vocab.to_student[teacher.teacher.ids[:, 0]], teacher.aligned
+    if isinstance(teacher, CrossTargets):  # in the student's vocabulary already (projected when cached)
+        kl, top1, _ = kl_and_top1(student_logits, teacher.teacher)
+        return torch.where(teacher.aligned, kl, 0.0), top1, teacher.aligned
     student = bucket_log_probs(student_logits, teacher.ids[:, : teacher.k], 1.0)
     kl = divergence(student, teacher.bucket_log_probs(1.0), "forward_kl")
     return kl, teacher.ids[:, 0], torch.ones_like(kl, dtype=torch.bool)

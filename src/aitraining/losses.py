@@ -69,29 +69,35 @@ alignment]). A student token gets a teacher position when one teacher token cove
 stands for the same bytes: both then predict the next piece of text from the same preceding text. Other student
 tokens (where the two split the text differently) learn from their label alone.
 
-At such a position the two next-token distributions live on different vocabularies. Each teacher token is read
-as the student token its text starts with: itself where both vocabularies have it (matched by the bytes it
-stands for, "Ġ" and "▁" and byte pieces normalized; the teacher's EOS is the student's), else the longest
-student token that its bytes start with (" Portuguese" is " Portug" to a student without the word, "\n\n" is
-"\n"): the probability that the answer continues with that text is the probability that the student's next
-token is that first piece. Both distributions are projected, at the distillation temperature, onto the same
-events: one bucket per student token that the teacher's head reads as (the head tokens reading as the same
-student token add up), the REST (each shared token outside those), and one LOST bucket (the student's other
-ids; the teacher's tail tokens that it lacks and that read as no head bucket, and its special tokens). The
-documented divergence is taken between the two projected distributions, so temperature, alpha and the
-divergences mean what they mean on the same-vocabulary path; with identical vocabularies it is that path.
+At such a position the two next-token distributions live on different vocabularies. The teacher's is carried
+over to the student's when it is cached (`VocabularyMap.project`): each teacher token's probability goes to the
+student token its text starts with, itself where both vocabularies have it (matched by the bytes it stands for,
+"Ġ" and "▁" and byte pieces normalized; the teacher's EOS is the student's), else the longest student token that
+its bytes start with (" Portuguese" is " Portug" to a student without the word, "\n\n" is "\n"). The result P
+is the teacher's probability that the answer goes on with text starting with each student token, which is what
+the student's next-token distribution predicts. (The teacher's other special tokens have no piece; their mass,
+normally nil inside an answer, is dropped and P renormalized.) From there everything is the same-vocabulary
+path: P's head, tail mass and tail samples are cached (Note [Teacher signal]; the cache's key holds the student's
+vocabulary map), the temperature softens P, and the documented divergences compare P^T and the student's p^T.
+With identical vocabularies P is the teacher's own distribution.
 
-From the cache: the head is exact. The tail's split between the head buckets, LOST and REST is estimated from
-the tail samples (their share by count; at a temperature other than tau the draws are reweighted by
-p^(1/T - 1/tau) and self-normalized); with no samples, LOST and REST are one bucket. For forward and skew KL at
-T = tau the REST's tokens are read from the draws it holds exactly as `_sampled_divergence` reads all of them
-(same estimate, same control variate), the other events as exact buckets. The student side is exact.
+Why project before caching rather than compare in the teacher's ids (the previous design, measured on
+benchmarks/cross_tokenizer.py): a cache in the teacher's ids holds the teacher's head and samples of its tail;
+the tail tokens that the student writes otherwise and that read as no head token then formed one "lost" bucket,
+and at T = 3 that bucket held 41 % of the teacher's mass (SmolLM2 and Llama 2's tokenizer: head buckets 9 %,
+shared rest 50 %). The loss could only say "this much goes to text you write otherwise". Projected first, that
+mass lands on the student tokens that begin the text, and the head and samples are drawn from P itself, with
+the estimates and tests of one vocabulary. The student was closer to the teacher's text (KL per byte 1.170
+against 1.195, seed 0) at the same cost.
 
-Why first pieces rather than one bucket for all the text only one vocabulary writes: on the bundled SmolLM2
-teacher and Llama 2's tokenizer that text holds 44 % of the teacher's mass at T = 3 (14 % at T = 1); a student
-that only learns how much mass goes "elsewhere" puts it on whichever of its own odd tokens is cheapest (runs of
-spaces, measured: its greedy answers began with them), while "\n\n" read as "\n" teaches the right token.
-Why not a vocabulary-free distance for the rest (ULD's sorted probabilities): it matches the shapes of the two
+Why the temperature softens P rather than summing the teacher's tempered token masses: the documented T is a
+property of the distribution the student learns, here P; tempering P is exactly the same-vocabulary loss
+applied to it, and P at T = 1 is all the cache needs (its tail mass at T is computed from P when cached).
+
+Why first pieces rather than one bucket for all the text only one vocabulary writes: a student that only learns
+how much mass goes "elsewhere" puts it on whichever of its own odd tokens is cheapest (runs of spaces, measured:
+its greedy answers began with them), while "\n\n" read as "\n" teaches the right token. Why not a
+vocabulary-free distance for the rest (ULD's sorted probabilities): it matches the shapes of the two
 distributions and ignores which token is which.
 
 Note [Sum reduction]
@@ -280,28 +286,33 @@ class VocabularyMap:
 
     Attributes:
         to_student: (V_teacher,) int64: the student id of the token that stands for the same text, -1 where the
-            student has none (the map is one-to-one on the ids it keeps).
-        student_unshared: (V_student,) bool: the student ids that no teacher id maps to.
+            student has none (one-to-one on the ids it keeps).
         first_piece: (V_teacher,) int64: the student id that a teacher token's text starts with in the student's
             tokens (itself where shared; the longest student token its bytes start with otherwise; -1 for special
-            tokens). Defaults to `to_student`.
+            tokens).
+        student_size: the student's vocabulary size.
     """
 
     to_student: Tensor
-    student_unshared: Tensor
-    first_piece: Tensor | None = None
+    first_piece: Tensor
+    student_size: int
 
-    def __post_init__(self) -> None:
-        if self.first_piece is None:  # every token the student lacks: no piece of its own
-            self.first_piece = self.to_student
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> VocabularyMap:
-        if self.to_student.device == torch.device(device):
-            return self
-        assert self.first_piece is not None
-        return VocabularyMap(self.to_student.to(device, non_blocking=non_blocking),
-                             self.student_unshared.to(device, non_blocking=non_blocking),
-                             self.first_piece.to(device, non_blocking=non_blocking))
+    def project(self, teacher_logits: Tensor) -> Tensor:
+        """The teacher's distribution over the student's vocabulary (Note [Across vocabularies]): each teacher
+        token's probability added to its first piece's; (N, V_teacher) logits -> (N, student_size) float32
+        log-probs, -inf where no teacher token reads as the id. The mass of tokens with no piece (the teacher's
+        special tokens other than its EOS) is dropped: each row is renormalized over what the student can write."""
+        logp = F.log_softmax(teacher_logits.float(), dim=-1)
+        piece = self.first_piece.to(logp.device)
+        keep = piece >= 0
+        logp, piece = logp[:, keep], piece[keep].expand(logp.shape[0], -1)
+        # A logsumexp per student id: the sum is taken below each id's largest term, so that no term underflows
+        # (float32's exp stops at e^-103; tempered at T = 3 such a token still counts).
+        shape = (logp.shape[0], self.student_size)
+        top = torch.full(shape, _NEG_INF, device=logp.device).scatter_reduce_(1, piece, logp, "amax")
+        top = torch.where(torch.isneginf(top), 0.0, top)
+        mass = torch.zeros(shape, device=logp.device).scatter_add_(1, piece, (logp - top.gather(1, piece)).exp())
+        return F.log_softmax(mass.log() + top, dim=-1)
 
 
 @dataclass
@@ -309,15 +320,14 @@ class CrossTargets:
     """A teacher with another vocabulary, at the student's N positions (Note [Across vocabularies]).
 
     Attributes:
-        teacher: the teacher's sparse targets, one row per student position (the teacher position that predicts
-            the same text; a placeholder row where there is none).
+        teacher: the teacher's sparse targets in the student's vocabulary (its distribution projected onto it when
+            cached, `VocabularyMap.project`), one row per student position: that of the teacher position that
+            predicts the same text, a placeholder row where there is none.
         aligned: (N,) bool: whether the student position has a teacher position predicting the same token.
-        vocab: the teacher-to-student id map.
     """
 
     teacher: TeacherTargets
     aligned: Tensor
-    vocab: VocabularyMap
 
     def __post_init__(self) -> None:
         if self.aligned.shape != (len(self.teacher),):
@@ -327,18 +337,16 @@ class CrossTargets:
         return len(self.teacher)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CrossTargets:
-        return CrossTargets(self.teacher.to(device, non_blocking), self.aligned.to(device, non_blocking=non_blocking),
-                            self.vocab.to(device, non_blocking))
+        return CrossTargets(self.teacher.to(device, non_blocking), self.aligned.to(device, non_blocking=non_blocking))
 
     def index(self, sel: Tensor | slice) -> CrossTargets:
-        return CrossTargets(self.teacher.index(sel), self.aligned[sel], self.vocab)
+        return CrossTargets(self.teacher.index(sel), self.aligned[sel])
 
     @staticmethod
     def cat(parts: list[CrossTargets]) -> CrossTargets:
         if not parts:
             raise ValueError("CrossTargets.cat: need at least one part")
-        return CrossTargets(TeacherTargets.cat([p.teacher for p in parts]), torch.cat([p.aligned for p in parts]),
-                            parts[0].vocab)
+        return CrossTargets(TeacherTargets.cat([p.teacher for p in parts]), torch.cat([p.aligned for p in parts]))
 
 
 Targets = TeacherTargets | DenseTargets | CrossTargets
@@ -570,15 +578,16 @@ def teacher_divergence(
     - `TeacherTargets`, forward KL at T = tau with samples: the buckets exactly plus the sampled estimate of
       the tail's KL (`_sampled_divergence`; skew KL likewise).
     - `TeacherTargets` otherwise: over the k + 1 buckets (head ids and one tail bucket; exact tail mass).
-    - `CrossTargets` (a teacher with another vocabulary): the same, over what both vocabularies can write.
+    - `CrossTargets` (a teacher with another vocabulary, projected onto the student's): the same, where aligned.
 
     See Note [Teacher signal] and Note [Across vocabularies].
     """
     if isinstance(teacher, DenseTargets):
         t = _tempered_log_softmax(teacher.logits(student_logits.shape[-1]), temperature)
         return divergence(_tempered_log_softmax(student_logits, temperature), _floored(t, kind), kind, beta)
-    if isinstance(teacher, CrossTargets):
-        return _cross_divergence(student_logits, teacher, temperature, kind, beta)
+    if isinstance(teacher, CrossTargets):  # already in the student's vocabulary: as above, where aligned
+        kd = teacher_divergence(student_logits, teacher.teacher, temperature, kind, beta)
+        return torch.where(teacher.aligned, kd, 0.0)
     if kind in _SAMPLED_KINDS and teacher.m > 0 and math.isclose(temperature, teacher.tau):
         return _sampled_divergence(student_logits, teacher, temperature, kind, beta)
     student = bucket_log_probs(student_logits, teacher.ids[:, : teacher.k], temperature)
@@ -642,111 +651,6 @@ def _sampled_tail_term(w: Tensor, used: Tensor, log_t: Tensor, log_s: Tensor, t_
         value = (w * (log_p - log_m)).sum(-1)
         surrogate = (w * ((1.0 - beta) * ratio * log_s - log_m)).sum(-1)
     return t_tail.exp() * (value.detach() + surrogate - surrogate.detach())
-
-
-def _cross_parts(student_logits: Tensor, teacher: CrossTargets, temperature: float) -> dict[str, Tensor]:
-    """Both distributions at T projected onto the same events (Note [Across vocabularies]): one bucket per distinct
-    student id that the teacher's head reads as (its first piece: a head token the student lacks is the start of
-    that text in the student's tokens), the text that only one of the two vocabularies writes ("lost"), and the
-    rest (shared tokens outside those). The tail's split between the head's buckets, the lost text and the rest
-    is estimated from the tail samples (self-normalized: drawn at tau, reweighted for T)."""
-    t = teacher.teacher
-    ls = _tempered_log_softmax(student_logits, temperature)
-    n, v = ls.shape
-    k = t.k
-    to_student, first_piece = teacher.vocab.to_student, teacher.vocab.first_piece
-    tb = t.bucket_log_probs(temperature)
-    # Head: each distinct student id once (the first column that reads as it), holding the mass of every head
-    # token that reads as it; head tokens with no student piece (special tokens) are lost.
-    # Per student id (a dense (N, V + 1) scratch row, the size of the logits; column V: no piece), so that k may
-    # be as large as the vocabulary.
-    sid = first_piece[t.ids[:, :k]]
-    has = sid >= 0
-    at = torch.where(has, sid, v)
-    position = torch.arange(k, dtype=torch.int32, device=sid.device).expand(n, k)
-    first_col = torch.full((n, v + 1), k, dtype=torch.int32, device=sid.device).scatter_reduce_(1, at, position, "amin")
-    first = has & (first_col.gather(1, at) == position)
-    head_p = torch.where(has, tb[:, :k], _NEG_INF).exp()
-    mass = torch.zeros(n, v + 1, dtype=torch.float32, device=sid.device).scatter_add_(1, at, head_p)
-    t_head = torch.where(first, mass.gather(1, at).log(), _NEG_INF)
-    t_lost = torch.logsumexp(torch.where(has, _NEG_INF, tb[:, :k]), dim=-1)
-    cols = torch.where(first, sid, v)
-    padded = F.pad(ls, (0, 1), value=_NEG_INF)
-    s_head = torch.where(first, padded.gather(-1, cols), _NEG_INF)
-    unshared = teacher.vocab.student_unshared.to(ls.device)
-    if unshared.shape[0] < v:  # padded embedding rows are no tokens: nothing of the teacher's maps there
-        unshared = F.pad(unshared, (0, v - unshared.shape[0]), value=True)
-    unshared = unshared[:v].expand(n, v)
-    in_head = torch.zeros(n, v + 1, dtype=torch.bool, device=ls.device).scatter_(-1, cols, True)
-    s_lost = torch.logsumexp(ls.masked_fill(~unshared | in_head[:, :v], _NEG_INF), dim=-1)
-    s_rest = torch.logsumexp(ls.masked_fill(unshared | in_head[:, :v], _NEG_INF), dim=-1)
-    out = {"ls": ls, "s_head": s_head, "t_head": t_head, "s_lost": s_lost, "s_rest": s_rest}
-    if t.m == 0:  # nothing says where the teacher's tail goes: lost and rest as one bucket
-        out["t_lost"] = torch.logaddexp(t_lost, tb[:, k])
-        out["t_rest"] = torch.full_like(t_lost, _NEG_INF)
-        out["s_lost"] = torch.logaddexp(s_lost, s_rest)
-        out["s_rest"] = torch.full_like(s_rest, _NEG_INF)
-        return out
-    used = t.counts > 0
-    sample_ids = t.ids[:, k:]
-    sample_sid = to_student[sample_ids]
-    sample_piece = first_piece[sample_ids]
-    # A draw whose text starts with a head bucket's student token belongs to that bucket.
-    piece_at = torch.where(sample_piece >= 0, sample_piece, v)
-    to_head = used & (sample_piece >= 0) & in_head.gather(1, piece_at)
-    kept = used & ~to_head & (sample_sid >= 0)
-    lost = used & ~to_head & (sample_sid < 0)
-    logw = torch.where(used, t.counts.clamp(min=1e-30).log() + t.sample_logp.float() * (1.0 / temperature - 1.0 / t.tau),
-                       _NEG_INF)
-    total = torch.logsumexp(logw, dim=-1)
-    empty = ~used.any(-1)
-    total = torch.where(empty, 0.0, total).unsqueeze(-1)
-    tail = tb[:, k].unsqueeze(-1)
-    w = torch.where(to_head, (logw - total).exp(), 0.0)
-    share = torch.zeros(n, v + 1, dtype=torch.float32, device=sid.device).scatter_add_(1, piece_at, w).gather(1, at)
-    out["t_head"] = torch.where(first, torch.logaddexp(t_head, tail + share.log()), _NEG_INF)
-    log_lost = torch.logsumexp(torch.where(lost, logw, _NEG_INF), dim=-1, keepdim=True) - total
-    log_kept = torch.logsumexp(torch.where(kept, logw, _NEG_INF), dim=-1, keepdim=True) - total
-    out["t_lost"] = torch.logaddexp(t_lost, (tail + log_lost).squeeze(-1))
-    out["t_rest"] = (tail + log_kept).squeeze(-1)
-    out.update(kept=kept, sample_sid=sample_sid, log_kept=torch.where(empty, 0.0, log_kept.squeeze(-1)))
-    return out
-
-
-def cross_bucket_log_probs(student_logits: Tensor, teacher: CrossTargets, temperature: float) -> tuple[Tensor, Tensor]:
-    """(student, teacher) log-probs, (N, k + 2) float32, over the projected buckets of `_cross_parts`: the k head
-    ids, the lost text, the rest."""
-    p = _cross_parts(student_logits, teacher, temperature)
-    student = torch.cat([p["s_head"], p["s_lost"].unsqueeze(-1), p["s_rest"].unsqueeze(-1)], dim=-1)
-    return student, torch.cat([p["t_head"], p["t_lost"].unsqueeze(-1), p["t_rest"].unsqueeze(-1)], dim=-1)
-
-
-def _cross_divergence(student_logits: Tensor, teacher: CrossTargets, temperature: float, kind: str, beta: float) -> Tensor:
-    """D(teacher_T || student_T) per student position between the two distributions projected onto what both
-    vocabularies can write (Note [Across vocabularies]); 0 where no teacher position predicts the same token."""
-    p = _cross_parts(student_logits, teacher, temperature)
-    student = torch.cat([p["s_head"], p["s_lost"].unsqueeze(-1), p["s_rest"].unsqueeze(-1)], dim=-1)
-    teacher_b = torch.cat([p["t_head"], p["t_lost"].unsqueeze(-1), p["t_rest"].unsqueeze(-1)], dim=-1)
-    t = teacher.teacher
-    if kind in _SAMPLED_KINDS and t.m > 0 and math.isclose(temperature, t.tau):
-        # As `_sampled_divergence`, over the rest: the draws the student can write are draws from the
-        # teacher's rest (the tail's tokens with a student id), renormalized. The other events (the head's
-        # buckets and the lost text) are exact buckets.
-        if kind == "forward_kl":  # the chain rule: the rest's mass is a bucket, its inside is sampled
-            buckets = _kl(teacher_b, student)
-        else:  # skew KL: every bucket but the rest, whose tokens are sampled one by one
-            buckets = _kl(teacher_b[:, :-1], _log_mixture(teacher_b[:, :-1], student[:, :-1], beta))
-        kept = p["kept"]
-        w = torch.where(kept, t.counts, 0.0)
-        w = w / w.sum(-1, keepdim=True).clamp(min=1.0)
-        cols = torch.where(kept, p["sample_sid"], 0)
-        log_s = torch.where(kept, p["ls"].gather(-1, cols) - p["s_rest"].unsqueeze(-1), 0.0)
-        log_t = torch.where(kept, t.sample_logp.float() / temperature - t.tail_lognorm.float().unsqueeze(-1)
-                            - p["log_kept"].unsqueeze(-1), 0.0)
-        kd = buckets + _sampled_tail_term(w, kept, log_t, log_s, p["t_rest"], p["s_rest"], kind, beta)
-    else:
-        kd = divergence(student, _floored(teacher_b, kind), kind, beta)
-    return torch.where(teacher.aligned, kd, 0.0)
 
 
 def token_losses(

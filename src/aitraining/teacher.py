@@ -189,27 +189,31 @@ class TeacherItem:
 class _Recorder(LogitsProcessor):
     """Records the sparse distribution at each generation step from the raw logits, changing nothing."""
 
-    def __init__(self, params: LLMTrainingParams | None, vocab: int, prompts: Sequence[list[int]]) -> None:
-        self.params, self.vocab = params, vocab
+    def __init__(self, params: LLMTrainingParams | None, vocab: int, prompts: Sequence[list[int]],
+                 projection: VocabularyMap | None = None) -> None:
+        self.params, self.vocab, self.projection = params, vocab, projection
         self.seeds = torch.tensor([prompt_seed(p) for p in prompts], dtype=torch.float64)  # hashed once, not per step
         self.steps: list[TeacherTargets] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.params is not None:
             offsets = sample_offsets(self.seeds, len(self.steps))
-            self.steps.append(targets_of(scores[:, : self.vocab], self.params, offsets).to("cpu"))
+            self.steps.append(targets_of(scores[:, : self.vocab], self.params, offsets, self.projection).to("cpu"))
         if scores.shape[-1] > self.vocab:  # never emit a padded id: it is no token of either model
             scores = scores.clone()
             scores[:, self.vocab :] = float("-inf")
         return scores
 
 
-def targets_of(logits: torch.Tensor, params: LLMTrainingParams, offsets: torch.Tensor) -> TeacherTargets:
-    """The cached signal of teacher logits under a run's settings (head k, m tail samples at T). Logits that are
-    no distribution stop the run before anything of them is cached."""
+def targets_of(logits: torch.Tensor, params: LLMTrainingParams, offsets: torch.Tensor,
+               projection: VocabularyMap | None = None) -> TeacherTargets:
+    """The cached signal of teacher logits under a run's settings (head k, m tail samples at T); with a
+    `projection`, of the teacher's distribution over a student's other vocabulary (Note [Across vocabularies]).
+    Logits that are no distribution stop the run before anything of them is cached."""
     try:
         return teacher_targets_from_logits(
-            logits, params.distill_top_k, samples=params.distill_tail_samples, tau=params.distill_temperature,
+            logits if projection is None else projection.project(logits), params.distill_top_k,
+            samples=params.distill_tail_samples, tau=params.distill_temperature,
             offsets=offsets,
         )
     except NonFiniteTeacher as e:
@@ -240,6 +244,8 @@ class Teacher:
 
         self.params = params
         self.device = device
+        # A student with another vocabulary: the recorded and scored distributions are projected onto it.
+        self.projection: VocabularyMap | None = None
         # A caller that already loaded the teacher's tokenizer (to check vocabularies) hands it over.
         self.tokenizer = tokenizer or models.load_tokenizer(
             params.teacher_model or "",
@@ -295,7 +301,7 @@ class Teacher:
         """Greedy (or sampled) responses for a batch of prompt ids, with their recorded targets (None when
         `record` is off: a live teacher needs none)."""
         p = self.params
-        recorder = _Recorder(p if record else None, self.vocab, prompts)
+        recorder = _Recorder(p if record else None, self.vocab, prompts, self.projection)
         processors: list[LogitsProcessor] = [recorder]
         if p.teacher_do_sample:
             from transformers import TemperatureLogitsWarper, TopPLogitsWarper
@@ -334,13 +340,14 @@ class Teacher:
         """Targets on each response token given its prompt: one forward pass per batch, the vocabulary
         projection a bounded number of positions at a time."""
         head = output_head(self.model)
-        rows = max(16, min(512, 2**25 // max(self.vocab, 1)))  # about 128 MiB of float32 logits per chunk
+        width = max(self.vocab, self.projection.student_size if self.projection is not None else 0)
+        rows = max(16, min(512, 2**25 // max(width, 1)))  # about 128 MiB of float32 logits per chunk
         out = []
         for (prompt, response), h in zip(pairs, self.hidden(pairs), strict=True):
             seed = prompt_seed(prompt)
             parts = [
                 targets_of(head(h[s : s + rows])[:, : self.vocab], self.params,
-                           sample_offsets(seed, s, min(rows, len(response) - s)))
+                           sample_offsets(seed, s, min(rows, len(response) - s)), self.projection)
                 for s in range(0, len(response), rows)
             ]
             out.append(TeacherTargets.cat(parts).to("cpu"))
@@ -382,18 +389,18 @@ class LiveTeacher:
 
 class CrossCachedTeacher:
     """The cache of a teacher with another vocabulary, read at the student's positions: each student token
-    takes the teacher row that predicts the same text (`align.ResponseAligner`), and the loss compares the two
-    over what both vocabularies can write (Note [Across vocabularies] in losses.py)."""
+    takes the teacher row that predicts the same text (`align.ResponseAligner`); the rows hold the teacher's
+    distribution already projected onto the student's vocabulary (Note [Across vocabularies] in losses.py)."""
 
-    def __init__(self, cache: TargetCache, vocab: VocabularyMap) -> None:
-        self.cache, self.vocab = cache, vocab
+    def __init__(self, cache: TargetCache) -> None:
+        self.cache = cache
 
     def targets(self, items: Sequence[Any]) -> CrossTargets:
         parts = []
         for it in items:
             rows = torch.tensor(it.teacher_rows[: len(it.input_ids) - it.n_prompt], dtype=torch.long)
             teacher = self.cache.get(it.target_key)
-            parts.append(CrossTargets(teacher.index(rows.clamp(min=0)), rows >= 0, self.vocab))
+            parts.append(CrossTargets(teacher.index(rows.clamp(min=0)), rows >= 0))
         return CrossTargets.cat(parts)
 
 
@@ -413,9 +420,9 @@ class DistillPath:
         what = {
             "same-vocabulary": "logit-level distillation, position by position over the shared vocabulary",
             "cross-vocabulary": "logit-level distillation across vocabularies: the teacher's answers are re-tokenized "
-                                "for the student and aligned by characters; the loss compares the two distributions "
-                                "where both can name the text (each teacher token read as the student token its "
-                                "text starts with)",
+                                "for the student and aligned by characters; the teacher's distribution is carried "
+                                "over to the student's vocabulary (each teacher token read as the student token its "
+                                "text starts with) and compared where both predict the same text",
             "sequence": "sequence-level distillation: the student learns the teacher's answers as text (no logits)",
         }[self.mode]
         return f"{what} ({self.reason})"
@@ -478,15 +485,23 @@ def _batches(order: list[int], size: int) -> list[list[int]]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
-def cache_meta(params: LLMTrainingParams, device: torch.device) -> dict[str, Any]:
+def cache_meta(params: LLMTrainingParams, device: torch.device, vocab: int, projection: VocabularyMap | None = None
+               ) -> dict[str, Any]:
     """What a cache's content depends on: its folder is named by the hash of this, so a changed teacher,
-    precision, k, sample count or temperature never reads another's targets."""
+    precision, k, sample count, temperature or (across vocabularies) student vocabulary never reads another's
+    targets. ``vocab``: the teacher's vocabulary size (a k beyond the distribution's width keeps all of it)."""
+    student = {}
+    if projection is not None:  # the map's content, not the student's name: only what it reads as matters
+        assert projection.first_piece is not None
+        piece = projection.first_piece.cpu().numpy().astype("<i8")
+        student = {"student_vocabulary": [projection.student_size, hashlib.sha256(piece.tobytes()).hexdigest()]}
     return {
+        **student,
         "format": CACHE_FORMAT,
         "teacher": model_identity(params.teacher_model or ""),
         "teacher_model": params.teacher_model,
         "dtype": str(teacher_dtype(device, params.mixed_precision)),
-        "k": params.distill_top_k,
+        "k": min(params.distill_top_k, projection.student_size if projection is not None else vocab),
         "samples": params.distill_tail_samples,
         "tau": params.distill_temperature,
     }
@@ -518,6 +533,7 @@ def prepare_teacher(
     path = path or choose_path(params, student_tokenizer, teacher.tokenizer)
     if path.mode == "cross-vocabulary" and vocab is None:
         raise ValueError("prepare_teacher: the cross-vocabulary path needs the vocabulary map")
+    teacher.projection = vocab if path.mode == "cross-vocabulary" else None
     live = params.teacher_source == "live" and path.needs_targets
     gen_settings = {
         "teacher": model_identity(params.teacher_model or ""),
@@ -528,7 +544,7 @@ def prepare_teacher(
         "top_p": params.teacher_top_p if params.teacher_do_sample else None,
         "seed": params.seed if params.teacher_do_sample else None,
     }
-    meta = cache_meta(params, device)
+    meta = cache_meta(params, device, teacher.vocab, teacher.projection)
     cache_folder = os.path.join(project_dir, CACHE_DIR, digest(meta))
     # Only the main process writes (and may cut a torn tail off) the cache; the others open it when it is done.
     cache = TargetCache(cache_folder, meta) if is_main and not live and path.needs_targets else None
@@ -627,7 +643,7 @@ def prepare_teacher(
         raise RuntimeError(f"{len(missing_targets)} teacher targets are missing from {cache_folder}")
     if path.mode == "cross-vocabulary":
         assert vocab is not None
-        return items, CrossCachedTeacher(cache, vocab)
+        return items, CrossCachedTeacher(cache)
     return items, CachedTeacher(cache)
 
 

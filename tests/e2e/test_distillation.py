@@ -11,6 +11,7 @@ import torch
 from helpers import PAIRS, assert_same_weights, other_tokenizer_student, write_jsonl
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from aitraining.align import vocabulary_map
 from aitraining.cli import main
 from aitraining.data import Example
 from aitraining.objective import Objective, target_positions
@@ -463,8 +464,8 @@ def test_a_teacher_with_another_tokenizer_is_distilled_across_vocabularies(real_
     card and run file keep it), and the cross-vocabulary loss teaches: with the whole teacher distribution cached
     (k = V, so the loss is the exact projected KL), alpha = 1 and T = 1 (the temperature of the measurement: a tiny
     random teacher's tempered and untempered distributions are too unlike for one to stand for the other), the
-    held-out KL to the teacher over what both vocabularies can write falls to under 0.65 of the untrained
-    student's (measured: 0.37)."""
+    held-out KL to the teacher's distribution projected onto the student's vocabulary falls to under 0.65 of the
+    untrained student's (measured: 0.37)."""
     import logging
 
     student = _other_tokenizer_student(real_tokenizers, tmp_path / "student")
@@ -496,8 +497,8 @@ def test_across_vocabularies_each_student_token_gets_the_teacher_row_of_the_same
     """The real batches of a cross-vocabulary run, captured at the student's loss: the student trained on its own
     tokens of the answers, and at every student position that has a teacher row, that row is the teacher's
     distribution given its prompt and the answer's text up to that student token (made here independently:
-    the student's tokens before it decoded, re-tokenized by the teacher, scored live), the teacher's ids read
-    in the student's vocabulary; the student's label there is the teacher's token for the same text."""
+    the student's tokens before it decoded, re-tokenized by the teacher, scored live), projected onto the
+    student's vocabulary; the student's label there is the teacher's token for the same text."""
     rows = [
         {"prompt": "Name a colour", "response": "Blue, like the sky and the deep ocean."},
         {"prompt": "Count to three", "response": "1, 2, 3 and then 12345."},
@@ -513,6 +514,8 @@ def test_across_vocabularies_each_student_token_gets_the_teacher_row_of_the_same
     params = params_for(student, tiny_teacher, data, tmp_path / "x", distill_top_k=8, distill_tail_samples=6,
                         mixed_precision="no")
     teacher = Teacher(params, torch.device("cpu"))
+    vocab = vocabulary_map(s_tok, t_tok)
+    teacher.projection = vocab
     (input_ids, mask, n_prompt, targets), = batches
     sel = target_positions(mask, n_prompt)
     labels = input_ids[:, 1:][sel[:, :-1]].tolist()
@@ -537,11 +540,10 @@ def test_across_vocabularies_each_student_token_gets_the_teacher_row_of_the_same
                 continue
             prefix = s_tok.decode(body[:i], skip_special_tokens=True, clean_up_tokenization_spaces=False) if i else ""
             j = at_text[prefix]
-            want_ids = got.vocab.to_student[live.ids[j, :8]]
-            assert torch.equal(got.vocab.to_student[got.teacher.ids[i, :8]], want_ids), (i, prefix)
+            assert torch.equal(got.teacher.ids[i, :8], live.ids[j, :8]), (i, prefix)
             torch.testing.assert_close(got.teacher.logp[i], live.logp[j], atol=8e-3, rtol=0)
             label = t_full[j] if j < len(t_full) else t_tok.eos_token_id
-            assert int(got.vocab.to_student[label]) == ids[n + i]
+            assert int(vocab.to_student[label]) == ids[n + i]
             checked += 1
         start += len(ids) - n
     assert start == len(labels) == len(targets)
