@@ -311,9 +311,10 @@ class ResponseAlignment:
     """A teacher's answer in the student's tokens.
 
     ``student_ids``: the student's tokens of the answer's text (and its EOS where the teacher ended);
-    ``teacher_rows[i]``: the teacher position (index into the teacher's answer) that predicts the same text as
-    student token i from the same preceding text, or -1 where there is none (the two split that text
-    differently, or the student's piece is not the teacher's).
+    ``teacher_rows[i]``: the teacher position (index into the teacher's answer) that predicts, from the same
+    preceding text, a token whose text starts with student token i's (its first piece in the student's tokens:
+    usually the same token), or -1 where there is none (no teacher token starts there, or the student's token
+    is not the first piece of the teacher's).
     """
 
     student_ids: list[int]
@@ -351,11 +352,13 @@ class ResponseAligner:
         while agree < min(len(body), len(t_ids)) and body[agree] == t_ids[agree]:
             agree += 1
         rows = [-1] * len(s_ids)
-        for s0, s1, t0, t1 in alignment.groups:
-            if s1 - s0 == 1 and t1 - t0 == 1 and t0 < agree:
-                b = self.s_bytes[s_ids[s0]]
-                if b is not None and b == self.t_bytes[t_ids[t0]]:
-                    rows[s0] = t0
+        for s0, _, t0, _ in alignment.groups:
+            # Where both start a token at the same character, the student's takes the teacher's row if it is the
+            # teacher token's first piece (the same token where both have it; " Portug" of " Portuguese"): both
+            # then predict text starting with it from the same text, which is what the projected distribution
+            # holds (Note [Across vocabularies] in losses.py).
+            if t0 < agree and int(self.vocab.first_piece[t_ids[t0]]) == s_ids[s0]:
+                rows[s0] = t0
         if ended and eos is not None:
             s_ids.append(eos)
             rows.append(len(body) if int(self.vocab.to_student[teacher_ids[-1]]) == eos else -1)

@@ -65,9 +65,10 @@ Note [Across vocabularies]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~
 A teacher with another tokenizer writes the same answer in other tokens. Its answer is decoded, re-tokenized
 for the student, and both token lists are aligned by the characters they cover (align.py, Note [Span
-alignment]). A student token gets a teacher position when one teacher token covers exactly the same text and
-stands for the same bytes: both then predict the next piece of text from the same preceding text. Other student
-tokens (where the two split the text differently) learn from their label alone.
+alignment]). A student token gets a teacher position when a teacher token starts at the same character and the
+student's token is its first piece (below): the same token where both vocabularies have it, " Portug" where the
+teacher wrote " Portuguese". Both then predict text starting with the student's token from the same preceding
+text. Other student tokens (inside a teacher token, or split otherwise) learn from their label alone.
 
 At such a position the two next-token distributions live on different vocabularies. The teacher's is carried
 over to the student's when it is cached (`VocabularyMap.project`): each teacher token's probability goes to the

@@ -498,7 +498,7 @@ def test_across_vocabularies_each_student_token_gets_the_teacher_row_of_the_same
     tokens of the answers, and at every student position that has a teacher row, that row is the teacher's
     distribution given its prompt and the answer's text up to that student token (made here independently:
     the student's tokens before it decoded, re-tokenized by the teacher, scored live), projected onto the
-    student's vocabulary; the student's label there is the teacher's token for the same text."""
+    student's vocabulary; the student's label there is the teacher's token there or its first piece."""
     rows = [
         {"prompt": "Name a colour", "response": "Blue, like the sky and the deep ocean."},
         {"prompt": "Count to three", "response": "1, 2, 3 and then 12345."},
@@ -543,7 +543,7 @@ def test_across_vocabularies_each_student_token_gets_the_teacher_row_of_the_same
             assert torch.equal(got.teacher.ids[i, :8], live.ids[j, :8]), (i, prefix)
             torch.testing.assert_close(got.teacher.logp[i], live.logp[j], atol=8e-3, rtol=0)
             label = t_full[j] if j < len(t_full) else t_tok.eos_token_id
-            assert int(vocab.to_student[label]) == ids[n + i]
+            assert int(vocab.first_piece[label]) == ids[n + i]
             checked += 1
         start += len(ids) - n
     assert start == len(labels) == len(targets)
