@@ -88,8 +88,13 @@ the tail tokens that the student writes otherwise and that read as no head token
 and at T = 3 that bucket held 41 % of the teacher's mass (SmolLM2 and Llama 2's tokenizer: head buckets 9 %,
 shared rest 50 %). The loss could only say "this much goes to text you write otherwise". Projected first, that
 mass lands on the student tokens that begin the text, and the head and samples are drawn from P itself, with
-the estimates and tests of one vocabulary. The student was closer to the teacher's text (KL per byte 1.170
-against 1.195, seed 0) at the same cost.
+the estimates and tests of one vocabulary. The student came closer to the teacher's text at the same cost
+(KL per byte 1.170 and 1.158 against 1.195 and 1.191, seeds 0 and 1; BENCHMARKS.md).
+
+What first pieces miss: a student token longer than every teacher token that starts its text ("▁International"
+where the teacher writes " Intern" + "ational") is no teacher token's first piece, so P holds nothing on it; the
+teacher's probability of that longer text would need its following positions. A position whose label is such a
+token has no teacher row (its label would have P = 0), but elsewhere P still puts nothing on those tokens.
 
 Why the temperature softens P rather than summing the teacher's tempered token masses: the documented T is a
 property of the distribution the student learns, here P; tempering P is exactly the same-vocabulary loss
