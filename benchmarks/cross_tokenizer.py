@@ -24,6 +24,7 @@ vocabularies), and ROUGE-L of the student's greedy answers against the teacher's
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import statistics
@@ -111,7 +112,12 @@ def main() -> None:
         return {**got,
                 "samples": [{"teacher": t, "student": a} for t, a in zip(heldout_answers[:3], got["answers"][:3], strict=True)]}
 
-    untrained = judged(student)
+    # The untrained student judged once per work folder (it takes minutes; a rerun that only sums up reuses it).
+    key = hashlib.sha256(json.dumps([heldout_prompts, heldout_answers, student, teacher]).encode()).hexdigest()[:16]
+    untrained_path = work / f"untrained-judge-{key}.json"
+    if not untrained_path.exists():
+        untrained_path.write_text(json.dumps(judged(student), indent=2, ensure_ascii=False))
+    untrained = json.loads(untrained_path.read_text())
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for seed in args.seeds:
         for arm in args.arms:
