@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from _measure import describe_machine, format_table, measure_command, utc_now_iso, write_json  # noqa: E402
-from quality import add_student_layers, answer_shape, same_command, setup, teacher_answers, write_jsonl  # noqa: E402
+from quality import add_student_layers, answer_shape, same_command, setup, stored, teacher_answers, write_jsonl  # noqa: E402
 
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sequence": ("the teacher's answers as text (--distill-mode sequence)", ("--distill-mode", "sequence")),
@@ -114,10 +114,7 @@ def main() -> None:
 
     # The untrained student judged once per work folder (it takes minutes; a rerun that only sums up reuses it).
     key = hashlib.sha256(json.dumps([heldout_prompts, heldout_answers, student, teacher]).encode()).hexdigest()[:16]
-    untrained_path = work / f"untrained-judge-{key}.json"
-    if not untrained_path.exists():
-        untrained_path.write_text(json.dumps(judged(student), indent=2, ensure_ascii=False))
-    untrained = json.loads(untrained_path.read_text())
+    untrained = stored(work / f"untrained-judge-{key}.json", lambda: judged(student))
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for seed in args.seeds:
         for arm in args.arms:

@@ -32,6 +32,7 @@ import os
 import shutil
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,14 @@ DEFAULT_ARMS = ("baseline", "dense", "ours", "topk64")
 
 def read_prompts(path: Path) -> list[str]:
     return [json.loads(x)["text"] for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def stored(path: Path, make: Callable[[], Any]) -> Any:
+    """``make()``'s result, computed once: kept as JSON at ``path`` and read back by later runs."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(make(), indent=2, ensure_ascii=False))
+    return json.loads(path.read_text())
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
@@ -346,16 +355,11 @@ def main() -> None:
                                [{"prompt": p, "response": a} for p, a in zip(heldout_prompts, heldout_answers, strict=True)])
     judge = make_judge(teacher, student, heldout_data, work)
     key = hashlib.sha256((Path(heldout_data).read_text() + student + teacher).encode()).hexdigest()[:16]
-    untrained_path = work / "judge" / f"untrained-{key}.json"
-    if not untrained_path.exists():
-        untrained_path.write_text(json.dumps(judge(student), indent=2, ensure_ascii=False))
-    untrained = json.loads(untrained_path.read_text())
+    untrained = stored(work / "judge" / f"untrained-{key}.json", lambda: judge(student))
     from aitraining import models
 
-    teacher_path = work / "judge" / f"teacher-copying-{key}.json"
-    if not teacher_path.exists():
-        teacher_path.write_text(json.dumps(copying(models.load_causal_lm(teacher), judge.items), indent=2))
-    teacher_copying = json.loads(teacher_path.read_text())
+    teacher_copying = stored(work / "judge" / f"teacher-copying-{key}.json",
+                             lambda: copying(models.load_causal_lm(teacher), judge.items))
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     result: dict[str, Any] = {}
     for seed in args.seeds:

@@ -332,8 +332,7 @@ class ResponseAligner:
         """``text_only``: only the student's tokens are wanted (sequence-level distillation), no rows."""
         self.student, self.teacher, self.text_only = student, teacher, text_only
         if not text_only:
-            self.s_bytes, self.t_bytes = token_bytes(student), token_bytes(teacher)
-            self.vocab = vocabulary_map(student, teacher, (self.s_bytes, self.t_bytes))
+            self.vocab = vocabulary_map(student, teacher)
 
     def __call__(self, teacher_ids: Sequence[int], ended: bool) -> ResponseAlignment:
         """``ended``: the answer's last id is the teacher's stop token (it ended the answer itself); the student's

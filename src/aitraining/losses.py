@@ -308,6 +308,8 @@ class VocabularyMap:
         token's probability added to its first piece's; (N, V_teacher) logits -> (N, student_size) float32
         log-probs, -inf where no teacher token reads as the id. The mass of tokens with no piece (the teacher's
         special tokens other than its EOS) is dropped: each row is renormalized over what the student can write."""
+        # Over the whole row first, so that a logit that is no number (NaN, +inf) breaks the row even at a token
+        # with no piece (`teacher_targets_from_logits` then refuses it).
         logp = F.log_softmax(teacher_logits.float(), dim=-1)
         piece = self.first_piece.to(logp.device)
         keep = piece >= 0

@@ -282,3 +282,21 @@ def test_a_projected_cache_is_named_by_the_student_vocabulary() -> None:
     assert len(names) == 4
     big = params.model_copy(update={"distill_top_k": 10_000})
     assert cache_meta(big, cpu, VT, vocab)["k"] == VS and cache_meta(big, cpu, VT)["k"] == VT
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_broken_teacher_row_stays_broken_through_the_projection(bad: float) -> None:
+    """A teacher row that is no distribution (NaN, +inf, or nothing but -inf) is still refused after the
+    projection (the run stops before caching it), and only that row; even where the broken logit is a token with
+    no piece, whose mass the projection drops."""
+    from aitraining.losses import NonFiniteTeacher
+
+    vocab = random_map(60, pieces=True)
+    t = logits(61, VT)
+    if bad == float("-inf"):
+        t[1] = bad
+    else:
+        t[1, int((vocab.first_piece < 0).nonzero()[0])] = bad
+    assert torch.isfinite(vocab.project(t)[[0, 2, 3]].amax(-1)).all()
+    with pytest.raises(NonFiniteTeacher, match="at 1 of 4 positions"):
+        teacher_targets_from_logits(vocab.project(t), 4)
