@@ -4,6 +4,9 @@
     python benchmarks/vs_trl.py --quick         # tiny models, 8 prompts, one epoch (what the tests run: no TRL
                                                 # install, the TRL side is skipped unless --trl-venv is given)
 
+TRL's finished run is reused by a later invocation with the same settings, data and student (its record,
+trl/bench.json, dates it): its side does not change with our code, and takes three quarters of the time.
+
 TRL runs in a virtual environment of its own, made by this script (benchmarks/.work/trl-venv: torch 2.13.0 CPU,
 the same transformers as ours, trl 1.16.0), so that neither install touches the other. Both sides train the
 8-layer student pruned from the bundled teacher on the teacher's greedy answers to the first --prompts
@@ -97,14 +100,32 @@ def trl_python(venv: Path, transformers_version: str) -> str:
 
 
 def run_trl(python: str, teacher: str, student: str, data: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """TRL's training, or its finished run from an earlier invocation with the same settings, data and student
+    (TRL's side does not change with our code; `reused_from` then dates the figures)."""
     cfg = {"teacher": teacher, "student": student, "data": data, "out": str(out), "epochs": args.epochs,
            "batch_size": args.batch_size, "lr": args.lr, "seed": 0, "max_length": 1024, "bf16": args.trl_bf16}
+    identity = {**cfg, "trl": TRL_VERSION, "data_sha256": _sha256(Path(data)),
+                "student_sha256": _sha256(Path(student) / "model.safetensors")}
+    record = out / "bench.json"
+    if record.exists() and (out / "model.safetensors").exists():
+        done = json.loads(record.read_text())
+        if done.get("identity") == identity:
+            print(f"TRL: reusing the finished run of {done['date']} in {out}", flush=True)
+            return {**done["result"], "reused_from": done["date"]}
     res = measure_command([python, "-c", TRL_WORKER, json.dumps(cfg)], env={**os.environ, "TQDM_DISABLE": "1"})
     if res.returncode != 0:
         raise SystemExit(f"TRL failed ({res.returncode}):\n{res.stderr[-3000:]}")
     worker = json.loads([x for x in res.stdout.splitlines() if x.strip().startswith("{")][-1])
-    return {"wall_s": round(res.wall_s, 2), "peak_rss_mib": round(res.peak_rss_mib or 0, 1), "worker": worker,
-            "precision": "bf16" if args.trl_bf16 else "fp32"}
+    result = {"wall_s": round(res.wall_s, 2), "peak_rss_mib": round(res.peak_rss_mib or 0, 1), "worker": worker,
+              "precision": "bf16" if args.trl_bf16 else "fp32"}
+    record.write_text(json.dumps({"identity": identity, "date": utc_now_iso(), "result": result}, indent=1))
+    return result
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run_ours(teacher: str, student: str, data: str, project: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -163,7 +184,7 @@ def main() -> None:
     if not args.quick or (venv / "bin" / "python").exists():
         print("preparing TRL's own venv ...", flush=True)
         python = trl_python(venv, metadata.version("transformers"))
-        print("training TRL ...", flush=True)
+        print("TRL ...", flush=True)
         trl = run_trl(python, teacher, student, data, work / "trl", args)
         trl["judge"] = judge(str(work / "trl"))
     result: dict[str, Any] = {

@@ -160,8 +160,7 @@ class TeacherReference:
     def __init__(self, params: LLMTrainingParams, work_dir: str, *, batch_size: int = 8, show_progress: bool = False) -> None:
         from aitraining import models
         from aitraining.data import read_examples, resolve_chat_template, skipped_summary
-        from aitraining.teacher import prepare_teacher
-        from aitraining.train import student_items
+        from aitraining.train import taught_items
 
         params = params.model_copy(update={"teacher_source": "live", "mixed_precision": "no", "use_distillation": True,
                                             "holdout_share": 0.0})
@@ -172,10 +171,9 @@ class TeacherReference:
         if loaded.skipped:
             log.warning("%s", skipped_summary(loaded.skipped, len(examples)))
         os.makedirs(work_dir, exist_ok=True)
-        teacher_items, source = prepare_teacher(params, examples, tokenizer, work_dir, torch.device("cpu"),
-                                                show_progress=show_progress)
         chat = resolve_chat_template(tokenizer, params.chat_template)
-        items = student_items(examples, teacher_items, tokenizer, params, chat)
+        items, source = taught_items(params, examples, tokenizer, chat, work_dir, torch.device("cpu"),
+                                     show_progress=show_progress)
         self._build([it for it in items if it is not None], source, tokenizer, batch_size=batch_size,
                     show_progress=show_progress)
         self.prompts = [prompt_text(ex) for ex, it in zip(examples, items, strict=True) if it is not None]

@@ -41,6 +41,7 @@ from aitraining.params import LLMTrainingParams
 from aitraining.runfolder import DISK_FULL, RunFolder
 
 SKIPPED_FILE = "skipped_rows.jsonl"
+CPU_FORWARD_TOKENS = 128  # see forward_cost_in_tokens
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,39 @@ class Item:
     teacher_rows: list[int] | None = None  # per response token, its teacher row (another vocabulary; -1: none)
 
 
+def length_groups(lengths: Sequence[int], per_forward: int | None) -> list[list[int]]:
+    """The rows of one micro-batch (their indices) cut into groups of similar length, each run as its own forward
+    and backward: the same gradient (Note [One reduction]: the loss is a sum over tokens) with less padding.
+
+    The rows sorted by length are split into consecutive groups that minimize the tokens computed: each group's
+    rows times its longest, plus `per_forward` tokens for every extra forward pass (what a pass costs beyond its
+    tokens). None keeps the micro-batch whole."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    if per_forward is None or len(order) < 2:
+        return [order]
+    n = len(order)
+    best = [0.0] + [math.inf] * n  # best[j]: the cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[order[j - 1]] + per_forward
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def forward_cost_in_tokens(device: torch.device, world: int) -> int | None:
+    """What one more forward and backward pass costs, in tokens, for `length_groups`; None: one pass per
+    micro-batch. Only a single process on a CPU splits micro-batches: there a pass costs little beyond its
+    tokens (measured in benchmarks/vs_trl.py's set-up); on a GPU small passes waste the device, unmeasured here;
+    and under FSDP or ZeRO-3 every forward gathers weights across processes, so every rank must run as many."""
+    return CPU_FORWARD_TOKENS if device.type == "cpu" and world == 1 else None
+
+
 def collate(items: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(it.input_ids) for it in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
@@ -74,30 +108,58 @@ def batch_targets(items: Sequence[Item], source: Any) -> Targets | None:
     return None if source is None else source.targets(items)
 
 
-def student_items(
-    examples: Sequence[data_mod.Example], teacher_items: Sequence[Any], tokenizer: Any, params: LLMTrainingParams,
-    chat_template: str | None, aligner: Any = None,
-) -> list[Item | None]:
-    """The student's sequence of each example: its own prompt rendering + the response ids the teacher scored,
-    or, for a teacher with another tokenizer (`aligner`: an `align.ResponseAligner`), the answer's text in the
-    student's tokens with the teacher row of each."""
-    items: list[Item | None] = []
-    for i, (ex, t) in enumerate(zip(examples, teacher_items, strict=True)):
-        if t is None or ex.messages is None:
-            items.append(None)
+def student_prompts(examples: Sequence[data_mod.Example], tokenizer: Any, params: LLMTrainingParams,
+                    chat_template: str | None) -> list[list[int] | None]:
+    """Each example's prompt as the student sees it (its own template and chat template), None for a text row."""
+    out: list[list[int] | None] = []
+    for ex in examples:
+        if ex.messages is None:
+            out.append(None)
             continue
         prompt, special = data_mod.render_prompt(tokenizer, ex.messages, params.student_prompt_template, chat_template,
                                                  place=ex.place)
+        out.append(data_mod.encode(tokenizer, prompt, add_special_tokens=special))
+    return out
+
+
+def taught_items(
+    params: LLMTrainingParams, examples: Sequence[data_mod.Example], tokenizer: Any, chat_template: str | None,
+    project_dir: str, device: torch.device, *, aligner: Any = None, **teacher_options: Any,
+) -> tuple[list[Item | None], Any]:
+    """The student's sequence of each example (None where none fits) with the teacher's answers and targets
+    (teacher.prepare_teacher, which gets `teacher_options`), and the teacher source.
+
+    A row whose prompt alone fills --block-size trains nothing: the teacher neither answers nor scores it (one
+    such row of 1,414 tokens among 64 took two thirds of the teacher's time in benchmarks/vs_trl.py)."""
+    from aitraining.teacher import prepare_teacher
+
+    prompts = student_prompts(examples, tokenizer, params, chat_template)
+    fits = [i for i, p in enumerate(prompts) if p is not None and len(p) < params.block_size]
+    fitting, source = prepare_teacher(params, [examples[i] for i in fits], tokenizer, project_dir, device,
+                                      **teacher_options)
+    teacher_items: list[Any] = [None] * len(examples)
+    for i, t in zip(fits, fitting, strict=True):
+        teacher_items[i] = t
+    return student_items(examples, prompts, teacher_items, params, aligner), source
+
+
+def student_items(
+    examples: Sequence[data_mod.Example], prompts: Sequence[list[int] | None], teacher_items: Sequence[Any],
+    params: LLMTrainingParams, aligner: Any = None,
+) -> list[Item | None]:
+    """The student's sequence of each example: its prompt (`student_prompts`) + the response ids the teacher
+    scored, or, for a teacher with another tokenizer (`aligner`: an `align.ResponseAligner`), the answer's text
+    in the student's tokens with the teacher row of each."""
+    items: list[Item | None] = []
+    for i, (prompt, t) in enumerate(zip(prompts, teacher_items, strict=True)):
+        if t is None or prompt is None:
+            items.append(None)
+            continue
         response, rows = t.response_ids, None
         if aligner is not None:
             aligned = aligner(t.response_ids, t.ended)
             response, rows = aligned.student_ids, aligned.teacher_rows
-        seq = data_mod.build_sequence(
-            data_mod.encode(tokenizer, prompt, add_special_tokens=special),
-            response,
-            block_size=params.block_size,
-            example_index=i,
-        )
+        seq = data_mod.build_sequence(prompt, response, block_size=params.block_size, example_index=i)
         if seq is None:
             items.append(None)
             continue
@@ -285,7 +347,7 @@ def prepare_data(
     chat_template = data_mod.resolve_chat_template(tokenizer, params.chat_template)
     out = Prepared(tokenizer, [], [])
     if params.use_distillation:
-        from aitraining.teacher import choose_path, prepare_teacher
+        from aitraining.teacher import choose_path
 
         teacher_tokenizer = models.load_tokenizer(params.teacher_model or "", trust_remote_code=params.trust_remote_code,
                                                   token=params.token, flag="--teacher-model")
@@ -306,15 +368,15 @@ def prepare_data(
         log.info("distillation: %s", path.describe())
         all_examples = train_examples + valid_examples
         started = time.time()
-        teacher_items, out.source = prepare_teacher(
-            params, all_examples, tokenizer, folder.path, accelerator.device, is_main=accelerator.is_main_process,
-            wait=accelerator.wait_for_everyone, show_progress=show_progress, teacher_tokenizer=teacher_tokenizer,
-            path=path, vocab=aligner.vocab if aligner is not None and path.needs_targets else None,
+        items, out.source = taught_items(
+            params, all_examples, tokenizer, chat_template, folder.path, accelerator.device, aligner=aligner,
+            is_main=accelerator.is_main_process, wait=accelerator.wait_for_everyone, show_progress=show_progress,
+            teacher_tokenizer=teacher_tokenizer, path=path,
+            vocab=aligner.vocab if aligner is not None and path.needs_targets else None,
         )
         out.timings["teacher_s"] = round(time.time() - started, 2)
         if params.distill_on_policy > 0:
             out.on_policy = _on_policy(params, out.source, tokenizer, teacher_tokenizer, accelerator.device)
-        items = student_items(all_examples, teacher_items, tokenizer, params, chat_template, aligner)
         if path.mode == "cross-vocabulary":
             rows = [r for it in items if it is not None and it.teacher_rows for r in it.teacher_rows]
             share = sum(r >= 0 for r in rows) / max(len(rows), 1)
@@ -441,6 +503,7 @@ def fit(model: Any, data: Prepared, params: LLMTrainingParams, folder: RunFolder
 
     student = accelerator.unwrap_model(objective).model
     evaluation = _Evaluation(data, params, folder, accelerator)
+    per_forward = forward_cost_in_tokens(accelerator.device, world)
     bar = tqdm(total=total_steps, initial=global_step, desc="training", unit="step", disable=not show_progress)
     log.info("student: %s (%s parameters), %d training rows, %d steps", params.model,
              f"{models.count_parameters(causal_lm(model)):,}", len(train_items), total_steps)
@@ -466,12 +529,14 @@ def fit(model: Any, data: Prepared, params: LLMTrainingParams, folder: RunFolder
                 count = torch.tensor(float(sum(len(it.input_ids) - max(it.n_prompt, 1) for rows in batches for it in rows)),
                                      device=accelerator.device)
                 global_count = accelerator.reduce(count, reduction="sum").item()
-                for m_index, rows in enumerate(batches):
+                passes = [[rows[i] for i in group] for rows in batches
+                          for group in length_groups([len(it.input_ids) for it in rows], per_forward)]
+                for m_index, rows in enumerate(passes):
                     weight = 1.0
                     if not rows:  # this rank ran out of rows: still join the collective backward, with weight 0
                         rows, weight = [train_items[0]], 0.0
                     tensors = {k: v.to(accelerator.device) for k, v in collate(rows, data.pad_id).items()}
-                    sync = m_index == len(window) - 1
+                    sync = m_index == len(passes) - 1
                     ctx = contextlib.nullcontext() if sync else accelerator.no_sync(objective)
                     with ctx, accelerator.autocast():
                         teacher = on_policy.targets(rows) if own else batch_targets(rows, source)
@@ -626,7 +691,10 @@ def _optimizer(objective: torch.nn.Module, params: LLMTrainingParams) -> torch.o
     groups = [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if params.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=params.lr)
-    return torch.optim.AdamW(groups, lr=params.lr)
+    # The fused kernel: the same update in one pass over each tensor (0.04 s a step against 0.27 s for the
+    # 56.6M-parameter benchmark student on a 2-core CPU, 6 % of its training time).
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for _, p in trainable)
+    return torch.optim.AdamW(groups, lr=params.lr, fused=fused or None)
 
 
 def _parameter_count(name: str, params: LLMTrainingParams) -> int | None:

@@ -703,3 +703,38 @@ def test_a_changed_teacher_k_sample_count_or_temperature_never_reuses_a_cache(ti
     tiny_model_factory(n_layers=3, hidden=64, seed=2, path=tmp_path / "teacher")
     folder, n, _ = prepare(distill_top_k=4, distill_tail_samples=3, distill_temperature=3.0)
     assert folder not in folders and n == 8
+
+
+def test_a_prompt_that_fills_the_block_costs_the_teacher_nothing(tiny_student, tiny_teacher, tmp_path, monkeypatch, caplog):
+    """A row whose prompt alone leaves no room in --block-size trains nothing, so the teacher neither answers it
+    nor scores it; the other rows are answered, scored and trained as before."""
+    long_prompt = " ".join(["word"] * 80)
+    seen: dict[str, list[int]] = {"generated": [], "scored": []}
+    real_generate, real_score = Teacher.generate, Teacher.score
+
+    def generate(self, prompts, **kw):
+        seen["generated"] += [len(p) for p in prompts]
+        return real_generate(self, prompts, **kw)
+
+    def score(self, pairs_):
+        seen["scored"] += [len(p) for p, _ in pairs_]
+        return real_score(self, pairs_)
+
+    monkeypatch.setattr(Teacher, "generate", generate)
+    monkeypatch.setattr(Teacher, "score", score)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"text": "Say one."}, {"text": long_prompt}, {"text": "Say two."}])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": long_prompt, "response": "It."},
+                                                    {"prompt": "Name it.", "response": "It."}])
+    for data, name in ((prompts, "g"), (pairs, "s")):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            main(["llm", "--train", "--model", tiny_student, "--teacher-model", tiny_teacher, "--data-path", data,
+                  "--project-name", str(tmp_path / name), "--use-distillation", "--block-size", "48",
+                  "--holdout-share", "0", "--distill-max-teacher-length", "4", "--epochs", "1", "--batch-size", "2",
+                  "--mixed-precision", "no"])
+        assert "1 of " in caplog.text and "rows dropped" in caplog.text
+        assert json.loads((tmp_path / name / "run.json").read_text())["status"] == "finished"
+    assert len(seen["generated"]) == 2 and len(seen["scored"]) == 1, seen
+    assert max(seen["generated"] + seen["scored"]) < 48  # neither long prompt reached the teacher
+    answered = [json.loads(x)["prompt"] for x in (tmp_path / "g" / "teacher_outputs.jsonl").read_text().splitlines()]
+    assert sorted(answered) == ["Say one.", "Say two."]

@@ -102,6 +102,36 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tiny_student,
     assert_same_weights(a, c, atol=2e-6)
 
 
+@pytest.mark.parametrize("distill", [False, True])
+def test_a_batch_cut_into_passes_of_similar_length_gives_the_same_step(tiny_student, tiny_teacher, tmp_path, monkeypatch,
+                                                                        distill):
+    """A micro-batch run as several forward passes of rows of similar length (train.length_groups) takes the
+    step of the whole batch; here one long row would otherwise pad seven short ones."""
+    import aitraining.train as train_mod
+    from aitraining.objective import Objective
+
+    rows = [{"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(7)]
+    rows.append({"prompt": "A long question " + "with many words " * 20, "response": "A long answer " + "and more " * 10})
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    extra = ("--use-distillation", "--teacher-model", tiny_teacher, "--distill-alpha", "0.5") if distill else ()
+    widths: list[list[int]] = []
+    real_forward = Objective.forward
+
+    def forward(self, input_ids, *args, **kw):
+        widths[-1].append(input_ids.shape[0])
+        return real_forward(self, input_ids, *args, **kw)
+
+    monkeypatch.setattr(Objective, "forward", forward)
+    steps = {}
+    for name, per_forward in (("whole", None), ("cut", 64)):
+        monkeypatch.setattr(train_mod, "CPU_FORWARD_TOKENS", per_forward)
+        widths.append([])
+        steps[name] = _one_step(tiny_student, data, tmp_path / name, "--batch-size", "8", "--holdout-share", "0", *extra)
+    assert widths == [[8], [7, 1]]
+    assert max_weight_change(steps["whole"], tiny_student) > 1e-4
+    assert_same_weights(steps["whole"], steps["cut"], atol=2e-6)
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_gradient_of_one_big_batch(tiny_student, tiny_teacher, pairs_file, tmp_path):
     """Two data-parallel CPU processes (gloo), each taking half of the global batch.
