@@ -87,9 +87,10 @@ def length_groups(lengths: Sequence[int], per_forward: int | None) -> list[list[
 
 def forward_cost_in_tokens(device: torch.device, world: int) -> int | None:
     """What one more forward and backward pass costs, in tokens, for `length_groups`; None: one pass per
-    micro-batch. Only a single process on a CPU splits micro-batches: there a pass costs little beyond its
-    tokens (measured in benchmarks/vs_trl.py's set-up); on a GPU small passes waste the device, unmeasured here;
-    and under FSDP or ZeRO-3 every forward gathers weights across processes, so every rank must run as many."""
+    micro-batch. Only a single process on a CPU splits micro-batches: there an extra pass cost 50-130 tokens'
+    worth for the 56.6M-parameter benchmark student (rows of 64-256 tokens; BENCHMARKS.md, "Again on a machine
+    without bfloat16"); on a GPU small passes waste the device, unmeasured here; and under FSDP or ZeRO-3 every
+    forward gathers weights across processes, so every rank must run as many."""
     return CPU_FORWARD_TOKENS if device.type == "cpu" and world == 1 else None
 
 
