@@ -1,6 +1,7 @@
 """Side by side with the peer: TRL's GKDTrainer and aitraining on the same teacher, student, prompts and epochs.
 
     python benchmarks/vs_trl.py                 # 64 prompts, 64-token answers, 5 epochs (about 15 minutes here)
+    python benchmarks/vs_trl.py --ours-args "--teacher-source live"   # ours with other flags (TRL's run reused)
     python benchmarks/vs_trl.py --quick         # tiny models, 8 prompts, one epoch (what the tests run: no TRL
                                                 # install, the TRL side is skipped unless --trl-venv is given)
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -134,7 +136,7 @@ def run_ours(teacher: str, student: str, data: str, project: Path, args: argpars
     argv = [cli, "llm", "--train", "--holdout-share", "0", "--model", student, "--teacher-model", teacher, "--data-path", data,
             "--project-name", str(project), "--use-distillation", "--epochs", str(args.epochs),
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", "0", "--warmup-ratio", "0.1",
-            "--distill-max-teacher-length", str(args.max_new_tokens + 1), "--logging-steps", "10"]
+            "--distill-max-teacher-length", str(args.max_new_tokens + 1), "--logging-steps", "10", *args.ours_args]
     res = measure_command(argv, env={**os.environ, "TQDM_DISABLE": "1"})
     if res.returncode != 0:
         raise SystemExit(f"ours failed ({res.returncode}):\n{res.stderr[-3000:]}")
@@ -150,6 +152,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--trl-bf16", action="store_true", help="TRL in bfloat16 autocast (default: its float32)")
+    ap.add_argument("--ours-args", type=shlex.split, default=[],
+                    help='flags added to our command, e.g. "--teacher-source live" (trained in ours-<flags>/)')
     ap.add_argument("--trl-venv", default=str(HERE / ".work" / "trl-venv"))
     add_student_layers(ap, "even", "the published table: even")
     ap.add_argument("--work", default=str(HERE / ".work" / "vs_trl"))
@@ -177,8 +181,9 @@ def main() -> None:
     judge = make_judge(teacher, student, heldout_data, work)
 
     print("training ours ...", flush=True)
-    ours = run_ours(teacher, student, data, work / "ours", args)
-    ours["judge"] = judge(str(work / "ours"))
+    ours_folder = "-".join(["ours", *(a.strip("-") for a in args.ours_args)]).replace("/", "_")
+    ours = run_ours(teacher, student, data, work / ours_folder, args)
+    ours["judge"] = judge(str(work / ours_folder))
     trl: dict[str, Any] | None = None
     venv = Path(args.trl_venv)
     if not args.quick or (venv / "bin" / "python").exists():
@@ -195,6 +200,7 @@ def main() -> None:
                   "lr": args.lr, "max_new_tokens": args.max_new_tokens, "trl": TRL_VERSION,
                   "trl_config": "GKDTrainer, lmbda 0 (off-policy), beta 0 (forward KL), loss at T = 1, pure KD",
                   "ours": "aitraining defaults: cache, T = 3, alpha = 0.7",
+                  "ours_args": args.ours_args,
                   "student": "tiny Llama" if args.quick else f"8 of the teacher's 30 layers ({args.student_layers})",
                   "heldout": f"last {len(heldout_prompts)} of {HELDOUT_PROMPTS.name}"},
         "ours": ours,
