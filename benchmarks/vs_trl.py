@@ -5,8 +5,8 @@
     python benchmarks/vs_trl.py --quick         # tiny models, 8 prompts, one epoch (what the tests run: no TRL
                                                 # install, the TRL side is skipped unless --trl-venv is given)
 
-TRL's finished run is reused by a later invocation with the same settings, data and student (its record,
-trl/bench.json, dates it): its side does not change with our code, and takes three quarters of the time.
+TRL's finished run is reused by a later invocation with the same settings (its record, trl/bench.json, dates
+it): its side does not change with our code, and takes three quarters of the time.
 
 TRL runs in a virtual environment of its own, made by this script (benchmarks/.work/trl-venv: torch 2.13.0 CPU,
 the same transformers as ours, trl 1.16.0), so that neither install touches the other. Both sides train the
@@ -102,12 +102,12 @@ def trl_python(venv: Path, transformers_version: str) -> str:
 
 
 def run_trl(python: str, teacher: str, student: str, data: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """TRL's training, or its finished run from an earlier invocation with the same settings, data and student
-    (TRL's side does not change with our code; `reused_from` then dates the figures)."""
+    """TRL's training, or its finished run from an earlier invocation with the same settings (TRL's side does not
+    change with our code; `reused_from` then dates the figures). Like quality.py's runs, reused by settings and
+    paths alone: a work folder whose student or data changed needs a new --work."""
     cfg = {"teacher": teacher, "student": student, "data": data, "out": str(out), "epochs": args.epochs,
            "batch_size": args.batch_size, "lr": args.lr, "seed": 0, "max_length": 1024, "bf16": args.trl_bf16}
-    identity = {**cfg, "trl": TRL_VERSION, "data_sha256": _sha256(Path(data)),
-                "student_sha256": _sha256(Path(student) / "model.safetensors")}
+    identity = {**cfg, "trl": TRL_VERSION}
     record = out / "bench.json"
     if record.exists() and (out / "model.safetensors").exists():
         done = json.loads(record.read_text())
@@ -122,12 +122,6 @@ def run_trl(python: str, teacher: str, student: str, data: str, out: Path, args:
               "precision": "bf16" if args.trl_bf16 else "fp32"}
     record.write_text(json.dumps({"identity": identity, "date": utc_now_iso(), "result": result}, indent=1))
     return result
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run_ours(teacher: str, student: str, data: str, project: Path, args: argparse.Namespace) -> dict[str, Any]:

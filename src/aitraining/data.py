@@ -538,6 +538,13 @@ def render_prompt(
     return "\n\n".join(m["content"] for m in msgs), True
 
 
+def encode_prompt(tokenizer: Any, ex: Example, template: str, chat_template: str | None) -> list[int]:
+    """A message row's prompt ids as a model sees them: `render_prompt`, then its tokenizer."""
+    assert ex.messages is not None
+    prompt, special = render_prompt(tokenizer, ex.messages, template, chat_template, place=ex.place)
+    return encode(tokenizer, prompt, add_special_tokens=special)
+
+
 def encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
@@ -573,10 +580,8 @@ def tokenize_for_sft(
             seq: Tokenized | None = Tokenized(ids[: params.block_size], 0, i) if len(ids) > 1 else None
         else:
             assert ex.messages is not None and ex.response is not None
-            prompt, special = render_prompt(tokenizer, ex.messages, params.student_prompt_template, chat_template,
-                                            place=ex.place)
             seq = build_sequence(
-                encode(tokenizer, prompt, add_special_tokens=special),
+                encode_prompt(tokenizer, ex, params.student_prompt_template, chat_template),
                 encode_response(tokenizer, ex.response, add_eos=params.add_eos_token),
                 block_size=params.block_size,
                 example_index=i,

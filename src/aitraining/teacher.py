@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor
 
-from aitraining.data import Example, encode, encode_response, render_prompt, resolve_chat_template
+from aitraining.data import Example, encode_prompt, encode_response, resolve_chat_template
 from aitraining.errors import UserError
 from aitraining.losses import (
     CrossTargets,
@@ -286,10 +286,7 @@ class Teacher:
             torch.cuda.empty_cache()
 
     def prompt_ids(self, ex: Example) -> list[int]:
-        assert ex.messages is not None
-        text, special = render_prompt(self.tokenizer, ex.messages, self.params.effective_teacher_template, self.chat_template,
-                                      place=ex.place)
-        return encode(self.tokenizer, text, add_special_tokens=special)
+        return encode_prompt(self.tokenizer, ex, self.params.effective_teacher_template, self.chat_template)
 
     @property
     def pad_id(self) -> int:

@@ -112,15 +112,8 @@ def batch_targets(items: Sequence[Item], source: Any) -> Targets | None:
 def student_prompts(examples: Sequence[data_mod.Example], tokenizer: Any, params: LLMTrainingParams,
                     chat_template: str | None) -> list[list[int] | None]:
     """Each example's prompt as the student sees it (its own template and chat template), None for a text row."""
-    out: list[list[int] | None] = []
-    for ex in examples:
-        if ex.messages is None:
-            out.append(None)
-            continue
-        prompt, special = data_mod.render_prompt(tokenizer, ex.messages, params.student_prompt_template, chat_template,
-                                                 place=ex.place)
-        out.append(data_mod.encode(tokenizer, prompt, add_special_tokens=special))
-    return out
+    return [None if ex.messages is None else data_mod.encode_prompt(tokenizer, ex, params.student_prompt_template,
+                                                                     chat_template) for ex in examples]
 
 
 def taught_items(
