@@ -26,6 +26,7 @@ token. Each (arm, seed) run lands in --work and is reused by a rerun, so the ben
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -74,7 +75,7 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ours_alpha1": ("defaults but alpha = 1 (no label loss)", (*DISTILL, "--distill-alpha", "1")),
     "ours_skew": ("defaults but skew KL (DistiLLM), beta 0.1", (*DISTILL, "--distill-loss", "skew_kl", "--distill-beta", "0.1")),
     "ours_rkl": ("defaults but reverse KL", (*DISTILL, "--distill-loss", "reverse_kl")),
-    "ours_onpolicy": ("defaults + on-policy on half the steps (the student's own answers, the live teacher scores)",
+    "ours_onpolicy": ("defaults + on-policy on half the steps (the student's own answers up to their first repeat, the live teacher scores)",
                       (*DISTILL, "--distill-on-policy", "0.5")),
 }
 DEFAULT_ARMS = ("baseline", "dense", "ours", "topk64")
@@ -232,6 +233,37 @@ def copying(model: Any, items: list[Any]) -> dict[str, float]:
     return {"copy_top1": mean(top1), "copy_mass": mean(mass), "label_repeats": mean(labels)}
 
 
+def teacher_on_loops(teacher: Any, tokenizer: Any, items: list[Any], answers: list[str]) -> dict[str, float]:
+    """What the teacher says inside a student's greedy loops: its answers re-encoded after the judge's prompts and
+    read by the teacher, the share of the student's tokens that are the teacher's own top-1 before the first
+    repeated token trigram (``teacher_top1_before_repeat``), on the token where that repeat begins (``..._at``)
+    and after it completes (``..._after``), and ``tokens_after_repeat``: the share of the counted answer tokens
+    that lie after it. On-policy steps score the student's answers only up to there (onpolicy.until_first_repeat)."""
+    import torch
+
+    from aitraining.onpolicy import LOOP_NGRAM, first_repeat_end
+
+    counts = {"before": [0, 0], "at": [0, 0], "after": [0, 0]}  # [tokens, of which the teacher's top-1]
+    teacher.eval()
+    with torch.no_grad():
+        for it, text in zip(items, answers, strict=True):
+            answer = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not answer:
+                continue
+            prompt = list(it.input_ids[: it.n_prompt])
+            top = teacher(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
+            end = first_repeat_end(answer)
+            start = len(answer) if end is None else end - LOOP_NGRAM
+            for j, (mine, theirs) in enumerate(zip(answer, top, strict=True)):
+                where = "before" if j < start else "at" if j == start else "after" if j >= (end or 0) else None
+                if where:  # the repeated trigram's other tokens are in neither figure
+                    counts[where][0] += 1
+                    counts[where][1] += int(mine == theirs)
+    total = sum(n for n, _ in counts.values())
+    return {**{f"teacher_top1_{k}_repeat": agree / n for k, (n, agree) in counts.items() if n},
+            "tokens_after_repeat": counts["after"][0] / max(total, 1)}
+
+
 # -------------------------------------------------------------------------------------------------- report
 
 
@@ -265,7 +297,8 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]], references: list[str] 
         row: dict[str, Any] = {"seeds": seeds, "what": ARMS[arm][0]}
         for name in ("kl_t1", "top1", "rouge_l", "ce"):
             row[name] = spread([by_seed[s]["judge"][name] for s in seeds])
-        for name in ("copy_top1", "copy_mass"):  # `copying`, for runs judged since it exists
+        for name in ("copy_top1", "copy_mass", "teacher_top1_before_repeat", "teacher_top1_at_repeat",
+                     "teacher_top1_after_repeat", "tokens_after_repeat"):  # for runs judged since they exist
             if all(name in by_seed[s]["judge"] for s in seeds):
                 row[name] = spread([by_seed[s]["judge"][name] for s in seeds])
         if references is not None and all("answers" in by_seed[s]["judge"] for s in seeds):
@@ -360,6 +393,7 @@ def main() -> None:
 
     teacher_copying = stored(work / "judge" / f"teacher-copying-{key}.json",
                              lambda: copying(models.load_causal_lm(teacher), judge.items))
+    reader = functools.cache(lambda: models.load_causal_lm(teacher))  # the float32 teacher, loaded once if needed
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     result: dict[str, Any] = {}
     for seed in args.seeds:
@@ -374,6 +408,10 @@ def main() -> None:
             rec["judge"] = json.loads(judged.read_text())
             if "copy_top1" not in rec["judge"]:  # judged before `copying` existed: add it, the rest stands
                 rec["judge"].update(copying(models.load_causal_lm(str(judged.parent)), judge.items))
+                judged.write_text(json.dumps(rec["judge"], indent=2, ensure_ascii=False))
+            if "tokens_after_repeat" not in rec["judge"] and "answers" in rec["judge"]:  # the same for `teacher_on_loops`
+                rec["judge"].update(teacher_on_loops(reader(), models.load_tokenizer(student), judge.items,
+                                                     rec["judge"]["answers"]))
                 judged.write_text(json.dumps(rec["judge"], indent=2, ensure_ascii=False))
             runs.setdefault(arm, {})[seed] = rec
             j = rec["judge"]

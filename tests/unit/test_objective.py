@@ -162,6 +162,31 @@ def test_on_policy_answers_are_the_students_own_and_train_alpha_t2_kl_without_la
     assert with_labels > want * 1.01  # the label term would have counted
 
 
+def test_an_on_policy_answer_is_scored_up_to_its_first_repeat(setup):
+    """onpolicy.py, "Only up to the first repeat": the teacher scores a looping answer up to the token that completes
+    its first repeated trigram, and a student's answer that never repeats whole."""
+    from transformers import AutoModelForCausalLM
+
+    from aitraining.onpolicy import OnPolicy, until_first_repeat
+
+    assert until_first_repeat([5, 6, 7, 8, 5, 6, 7, 5, 6, 7]) == [5, 6, 7, 8, 5, 6, 7]
+    assert until_first_repeat([1, 1, 1, 1, 1]) == [1, 1, 1, 1]  # the trigram overlapping itself
+    assert until_first_repeat([1, 2, 1, 2, 3, 1, 3]) == [1, 2, 1, 2, 3, 1, 3]  # bigrams repeat, no trigram does
+    tok, student, teacher_dir, items = setup
+    params = LLMTrainingParams(model=student, teacher_model=teacher_dir, data_path="x", use_distillation=True,
+                               mixed_precision="no")
+    on = OnPolicy(Teacher(params, torch.device("cpu")), tok, share=1.0, seed=5, max_new_tokens=9, block_size=64)
+    looping = AutoModelForCausalLM.from_pretrained(student)
+    word = next(t for t in range(len(tok)) if t not in {tok.eos_token_id, tok.pad_token_id})
+    head = torch.nn.Linear(looping.lm_head.in_features, looping.lm_head.out_features, bias=True)
+    with torch.no_grad():  # whatever the state, the one token: a student stuck in a loop
+        head.weight.zero_()
+        head.bias.fill_(-30.0)
+        head.bias[word] = 30.0
+    looping.lm_head = head
+    assert [it.input_ids[it.n_prompt :] for it in on.answer(looping, items, step=0, micro=0)] == [[word] * 4] * len(items)
+
+
 def test_cached_full_head_equals_the_float64_dense_loss(setup):
     """The cache's form with a head covering the whole vocabulary holds the teacher's full distribution."""
     tok, student, teacher_dir, items = setup
