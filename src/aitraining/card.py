@@ -80,7 +80,8 @@ def add_comparison(project: str, table: list[str], verdict: str, pictures: list[
 def _signal(params: LLMTrainingParams) -> str:
     if params.distill_on_policy > 0:
         return (f"{_offline_signal(params)[:-1]}; on {params.distill_on_policy:.0%} of the steps on the student's own "
-                "sampled answers instead, scored by the teacher's exact distribution (on-policy).")
+                "sampled answers instead, scored by the teacher's exact distribution up to their first repeated "
+                "trigram (on-policy).")
     return _offline_signal(params)
 
 
