@@ -393,7 +393,8 @@ def main() -> None:
 
     teacher_copying = stored(work / "judge" / f"teacher-copying-{key}.json",
                              lambda: copying(models.load_causal_lm(teacher), judge.items))
-    reader = functools.cache(lambda: models.load_causal_lm(teacher))  # the float32 teacher, loaded once if needed
+    # The float32 teacher and the student's tokenizer for `teacher_on_loops`, loaded once if a run needs them.
+    reader = functools.cache(lambda: (models.load_causal_lm(teacher), models.load_tokenizer(student)))
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     result: dict[str, Any] = {}
     for seed in args.seeds:
@@ -410,8 +411,7 @@ def main() -> None:
                 rec["judge"].update(copying(models.load_causal_lm(str(judged.parent)), judge.items))
                 judged.write_text(json.dumps(rec["judge"], indent=2, ensure_ascii=False))
             if "tokens_after_repeat" not in rec["judge"] and "answers" in rec["judge"]:  # the same for `teacher_on_loops`
-                rec["judge"].update(teacher_on_loops(reader(), models.load_tokenizer(student), judge.items,
-                                                     rec["judge"]["answers"]))
+                rec["judge"].update(teacher_on_loops(*reader(), judge.items, rec["judge"]["answers"]))
                 judged.write_text(json.dumps(rec["judge"], indent=2, ensure_ascii=False))
             runs.setdefault(arm, {})[seed] = rec
             j = rec["judge"]

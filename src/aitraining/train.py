@@ -410,7 +410,8 @@ def _on_policy(params: LLMTrainingParams, source: Any, tokenizer: Any, teacher_t
     # A live source's teacher is already loaded; otherwise it loads on the first on-policy step.
     teacher = source.teacher if isinstance(source, LiveTeacher) else Teacher(params, device, teacher_tokenizer)
     log.info("on-policy: on %.0f%% of the steps the student writes its own answers (up to %d tokens, sampled at T = 1) "
-             "and the teacher scores them up to their first repeated trigram", 100 * params.distill_on_policy, params.distill_max_teacher_length)
+             "and the teacher scores them up to their first repeated trigram", 100 * params.distill_on_policy,
+             params.distill_max_teacher_length)
     return OnPolicy(teacher, tokenizer, share=params.distill_on_policy, seed=params.seed,
                     max_new_tokens=params.distill_max_teacher_length, block_size=params.block_size)
 

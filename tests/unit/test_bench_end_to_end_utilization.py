@@ -68,6 +68,7 @@ def test_quality_quick(tmp_path: Path) -> None:
     assert 0 <= shape["rouge_l_precision"]["mean"] <= 1 and 0 <= shape["rouge_l_recall"]["mean"] <= 1
     for who in (result["arms"]["ours"]["copy_top1"]["mean"], result["teacher_copying"]["copy_top1"]):
         assert 0 <= who <= 1
+    assert 0 <= result["arms"]["ours"]["tokens_after_repeat"]["mean"] <= 1  # `teacher_on_loops` ran on every arm
 
 
 def test_answer_shape_by_hand() -> None:
