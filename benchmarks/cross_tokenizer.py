@@ -37,7 +37,16 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from _measure import describe_machine, format_table, measure_command, utc_now_iso, write_json  # noqa: E402
-from quality import add_student_layers, answer_shape, same_command, setup, stored, teacher_answers, write_jsonl  # noqa: E402
+from quality import (  # noqa: E402
+    add_student_layers,
+    answer_shape,
+    run_record,
+    same_command,
+    setup,
+    stored,
+    teacher_answers,
+    write_jsonl,
+)
 
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sequence": ("the teacher's answers as text (--distill-mode sequence)", ("--distill-mode", "sequence")),
@@ -64,7 +73,7 @@ def train_arm(arm: str, seed: int, student: str, teacher: str, data: str, work: 
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(seed), "--warmup-ratio", "0.1",
             "--logging-steps", "10", "--distill-max-teacher-length", str(args.max_new_tokens + 1), *ARMS[arm][1]]
     record = project / "bench.json"
-    if record.exists() and same_command(json.loads(record.read_text()).get("argv"), argv):
+    if record.exists() and same_command(json.loads(record.read_text()), argv):
         return json.loads(record.read_text())
     shutil.rmtree(project, ignore_errors=True)
     print(f"training {arm} (seed {seed}) ...", flush=True)
@@ -72,8 +81,7 @@ def train_arm(arm: str, seed: int, student: str, teacher: str, data: str, work: 
     if res.returncode != 0:
         raise SystemExit(f"{arm} seed {seed} failed ({res.returncode}):\n{res.stderr[-3000:]}")
     run = json.loads((project / "run.json").read_text())
-    saved = {"argv": argv, "wall_s": round(res.wall_s, 2), "peak_rss_mib": round(res.peak_rss_mib or 0, 1),
-             "final": run["final_metrics"], "path": run.get("distill_path")}
+    saved = run_record(argv, res, final=run["final_metrics"], path=run.get("distill_path"))
     record.write_text(json.dumps(saved, indent=2))
     return saved
 

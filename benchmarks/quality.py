@@ -141,19 +141,29 @@ def train_argv(arm: str, student: str, teacher: str, data: str, project: Path, s
             "--distill-max-teacher-length", str(args.max_new_tokens + 1), *ARMS[arm][1]]
 
 
-def same_command(saved: list[str] | None, argv: list[str]) -> bool:
-    """Whether a recorded training command is this one, paths compared absolute (`--work` given relative or not)."""
-    def absolute(command: list[str]) -> list[str]:
-        return [os.path.abspath(x) if os.path.exists(x) else x for x in command]
+def same_command(record: dict[str, Any], argv: list[str]) -> bool:
+    """Whether a recorded run (its bench.json) was of this command, paths compared absolute: `--work` given relative
+    or not, and the benchmark started from another folder (the record's relative paths are read from the folder its
+    run started in, "cwd", where recorded), so that a finished run is never thrown away for a path's spelling."""
+    def absolute(command: list[str], base: str) -> list[str]:
+        return [os.path.abspath(os.path.join(base, x)) if os.path.exists(os.path.join(base, x)) else x for x in command]
 
-    return saved is not None and absolute(saved) == absolute(argv)
+    saved = record.get("argv")
+    return saved is not None and absolute(saved, record.get("cwd", os.getcwd())) == absolute(argv, os.getcwd())
+
+
+def run_record(argv: list[str], res: Any, **fields: Any) -> dict[str, Any]:
+    """What bench.json keeps of a finished training run: its command, where it was started, and its costs."""
+    return {"argv": argv, "cwd": os.getcwd(), "wall_s": round(res.wall_s, 2),
+            "cpu_s": round((res.user_s or 0) + (res.sys_s or 0), 2), "peak_rss_mib": round(res.peak_rss_mib or 0, 1),
+            **fields}
 
 
 def finished(arm: str, seed: int, student: str, teacher: str, data: str, work: Path, args: argparse.Namespace) -> bool:
     """Whether this (arm, seed) already has a finished run of the same command (that `train_arm` would reuse)."""
     project = work / "runs" / f"{arm}-seed{seed}"
     record = project / "bench.json"
-    return record.exists() and same_command(json.loads(record.read_text()).get("argv"),
+    return record.exists() and same_command(json.loads(record.read_text()),
                                             train_argv(arm, student, teacher, data, project, seed, args))
 
 
@@ -164,7 +174,7 @@ def train_arm(arm: str, seed: int, student: str, teacher: str, data: str, work: 
     record = project / "bench.json"
     if record.exists():
         saved = json.loads(record.read_text())
-        if same_command(saved.get("argv"), argv):
+        if same_command(saved, argv):
             return saved
     shutil.rmtree(project, ignore_errors=True)
     print(f"training {arm} (seed {seed}) ...", flush=True)
@@ -173,8 +183,7 @@ def train_arm(arm: str, seed: int, student: str, teacher: str, data: str, work: 
     if res.returncode != 0:
         raise SystemExit(f"{arm} seed {seed} failed ({res.returncode}):\n{res.stderr[-3000:]}")
     final = json.loads((project / "run.json").read_text())["final_metrics"]
-    saved = {"argv": argv, "wall_s": round(res.wall_s, 2), "cpu_s": round((res.user_s or 0) + (res.sys_s or 0), 2),
-             "peak_rss_mib": round(res.peak_rss_mib or 0, 1), "final": final}
+    saved = run_record(argv, res, final=final)
     record.write_text(json.dumps(saved, indent=2))
     return saved
 

@@ -81,6 +81,24 @@ def test_answer_shape_by_hand() -> None:
     assert got == {"words": 3.5, "repeated_trigrams": 0.125, "rouge_l_precision": 0.25, "rouge_l_recall": 0.5}
 
 
+def test_a_finished_run_is_recognized_from_another_folder(tmp_path: Path, monkeypatch) -> None:
+    """A benchmark started from another folder (or with --work spelled otherwise) reuses a finished run rather than
+    throwing it away: its record's relative paths are read from the folder it was started in."""
+    sys.path.insert(0, str(BENCH))
+    from quality import run_record, same_command
+
+    (tmp_path / "repo" / "work").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    record = run_record(["aitraining", "--data-path", "work", "--seed", "0"], type("Res", (), {
+        "wall_s": 1.0, "user_s": 1.0, "sys_s": 0.0, "peak_rss_mib": 1.0})())
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert same_command(record, ["aitraining", "--data-path", str(tmp_path / "repo" / "work"), "--seed", "0"])
+    assert same_command(record, ["aitraining", "--data-path", "../repo/work", "--seed", "0"])
+    assert not same_command(record, ["aitraining", "--data-path", "../repo/work", "--seed", "1"])
+    assert not same_command(record, ["aitraining", "--data-path", "../elsewhere", "--seed", "0"])
+
+
 def test_copying_by_hand() -> None:
     """`copying` on an answer [a, b, a] read by a model whose scores are set by hand."""
     import torch
