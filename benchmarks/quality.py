@@ -210,7 +210,8 @@ def make_judge(teacher: str, student: str, data: str, work: Path):
                 **copying(model, reference.items),
                 "samples": [{"teacher": t, "student": a} for t, a in zip(reference.answers[:3], got["answers"][:3], strict=True)]}
 
-    judge.items = reference.items  # type: ignore[attr-defined]  # for `copying` of runs judged before it existed
+    # Its items and the student's tokenizer, for the figures added to runs judged before those figures existed.
+    judge.reference = reference  # type: ignore[attr-defined]
     return judge
 
 
@@ -400,10 +401,10 @@ def main() -> None:
     untrained = stored(work / "judge" / f"untrained-{key}.json", lambda: judge(student))
     from aitraining import models
 
+    # The float32 teacher, for `copying` on its own answers and `teacher_on_loops`: loaded once, if anything needs it.
+    teacher_model = functools.cache(lambda: models.load_causal_lm(teacher))
     teacher_copying = stored(work / "judge" / f"teacher-copying-{key}.json",
-                             lambda: copying(models.load_causal_lm(teacher), judge.items))
-    # The float32 teacher and the student's tokenizer for `teacher_on_loops`, loaded once if a run needs them.
-    reader = functools.cache(lambda: (models.load_causal_lm(teacher), models.load_tokenizer(student)))
+                             lambda: copying(teacher_model(), judge.reference.items))
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     result: dict[str, Any] = {}
     for seed in args.seeds:
@@ -417,10 +418,11 @@ def main() -> None:
                 judged.write_text(json.dumps(judge(str(judged.parent)), indent=2, ensure_ascii=False))
             rec["judge"] = json.loads(judged.read_text())
             if "copy_top1" not in rec["judge"]:  # judged before `copying` existed: add it, the rest stands
-                rec["judge"].update(copying(models.load_causal_lm(str(judged.parent)), judge.items))
+                rec["judge"].update(copying(models.load_causal_lm(str(judged.parent)), judge.reference.items))
                 judged.write_text(json.dumps(rec["judge"], indent=2, ensure_ascii=False))
             if "tokens_after_repeat" not in rec["judge"] and "answers" in rec["judge"]:  # the same for `teacher_on_loops`
-                rec["judge"].update(teacher_on_loops(*reader(), judge.items, rec["judge"]["answers"]))
+                rec["judge"].update(teacher_on_loops(teacher_model(), judge.reference.tokenizer, judge.reference.items,
+                                                     rec["judge"]["answers"]))
                 judged.write_text(json.dumps(rec["judge"], indent=2, ensure_ascii=False))
             runs.setdefault(arm, {})[seed] = rec
             j = rec["judge"]
