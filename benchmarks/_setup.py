@@ -14,7 +14,8 @@ CACHE = Path(os.environ.get("AITRAINING_BENCH_CACHE", Path.home() / ".cache" / "
 def bundled_teacher_folder() -> str:
     """The bundled GGUF teacher (SmolLM2-135M-Instruct) as a plain float32 model folder, dequantized once and
     cached: loading safetensors takes a second where dequantizing the GGUF takes about fifteen."""
-    from aitraining.models import bundled_teacher_path, save_model_folder
+    from aitraining.models.folders import save_model_folder
+    from aitraining.models.load import bundled_teacher_path
 
     gguf = bundled_teacher_path()
     if gguf is None:
@@ -29,7 +30,7 @@ def bundled_teacher_folder() -> str:
 
 def pruned_student(teacher: str, folder: Path, num_layers: int = 8, layers: str = "measured") -> str:
     """A student of `num_layers` layers of the teacher (`aitraining prune --layers measured|even`), made once."""
-    from aitraining.models import prune_to_folder
+    from aitraining.models.prune import prune_to_folder
 
     if not (folder / "config.json").exists():
         prune_to_folder(teacher, num_layers, str(folder), overwrite=True, layers=layers)
@@ -41,7 +42,7 @@ def tiny_models(work: Path) -> tuple[str, str]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aitraining.models import bundled_teacher_path, load_tokenizer
+    from aitraining.models.load import bundled_teacher_path, load_tokenizer
 
     gguf = bundled_teacher_path()
     if gguf is None:

@@ -16,7 +16,7 @@ prompts with the teacher's greedy float32 answers, 4 epochs, batch 8, lr 3e-4, w
 - logits: `--use-distillation` (the defaults): the cross-vocabulary loss on the cached teacher distribution
   (Note [Across vocabularies] in losses.py).
 
-Judge (aitraining.evaluate.TextReference), on the held-out prompts: the student's negative log-likelihood of the
+Judge (aitraining.judge.TextReference), on the held-out prompts: the student's negative log-likelihood of the
 teacher's answers per byte of text minus the teacher's own ("KL per byte": token-level KL is not defined across
 vocabularies), and ROUGE-L of the student's greedy answers against the teacher's.
 """
@@ -56,7 +56,7 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 def other_tokenizer_student(base: str, folder: Path) -> str:
     """`base` with Llama 2's tokenizer (aitraining transplant), made once."""
-    from aitraining.models import transplant_to_folder
+    from aitraining.models.transplant import transplant_to_folder
     from fetch_vocabularies import default_dest, fetch
 
     if not (folder / "config.json").exists():
@@ -100,9 +100,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny models, 12 + 6 prompts, one epoch: for the tests")
     args = ap.parse_args()
 
-    from aitraining import models
-    from aitraining.evaluate import TextReference, paired_difference
+    from aitraining.batches import StudentSettings
+    from aitraining.judge import TextReference
+    from aitraining.metrics import paired_difference
+    from aitraining.models.load import load_causal_lm, load_tokenizer
     from aitraining.params import LLMTrainingParams
+    from aitraining.teacher import TeacherSettings
 
     work, teacher, base, train_prompts, heldout_prompts = setup(args)
     student = other_tokenizer_student(base, work / "student-llama2-tokenizer")
@@ -112,11 +115,12 @@ def main() -> None:
     heldout_answers = teacher_answers(teacher, heldout_prompts, answers_dir / "answers-heldout.json", args.max_new_tokens, 16)
     data = write_jsonl(work / "train_pairs.jsonl",
                        [{"prompt": p, "response": a} for p, a in zip(train_prompts, train_answers, strict=True)])
-    judge = TextReference(teacher, list(zip(heldout_prompts, heldout_answers, strict=True)),
-                          LLMTrainingParams(model=student, teacher_model=teacher, data_path=data, use_distillation=True))
+    params = LLMTrainingParams(model=student, teacher_model=teacher, data_path=data, use_distillation=True)
+    judge = TextReference(params.settings(TeacherSettings), params.settings(StudentSettings),
+                          list(zip(heldout_prompts, heldout_answers, strict=True)))
 
     def judged(folder: str) -> dict[str, Any]:
-        got = judge.compare(models.load_causal_lm(folder), models.load_tokenizer(folder))
+        got = judge.compare(load_causal_lm(folder), load_tokenizer(folder))
         return {**got,
                 "samples": [{"teacher": t, "student": a} for t, a in zip(heldout_answers[:3], got["answers"][:3], strict=True)]}
 

@@ -132,7 +132,7 @@ def check_after_kill(project: Path, before: list[str]) -> dict[str, bool]:
     """What must hold in the folder a kill left, before anything repairs it."""
     from safetensors import safe_open
 
-    from aitraining.teacher import record_dtype
+    from aitraining.teacher.cache import record_dtype
 
     lines, torn = output_lines(project)
     prompts = [r["key"] for r in lines]

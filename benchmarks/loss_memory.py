@@ -11,7 +11,7 @@ What is compared, for N positions, hidden size H, vocabulary V, float32, tempera
   positions (with grad), the full-vocabulary teacher logits as a given (N, V) tensor,
   ``alpha * kl_div(log_softmax(s / T), softmax(t / T), "batchmean") * T^2 + (1 - alpha) * CE(s, labels)``,
   then backward.
-- ``ours``: ``aitraining.losses.chunked_token_loss_sums`` with the head ``h @ W^T``, a top-k sparse teacher
+- ``ours``: ``aitraining.chunked.chunked_token_loss_sums`` with the head ``h @ W^T``, a top-k sparse teacher
   (``TeacherTargets``, the default head of 32 and 112 tail samples) and a given ``chunk_size``, divided by N (what the trainer does), then backward.
   The teacher targets are built before measurement, chunk by chunk, as in a real run where they come from
   the on-disk cache and full teacher logits never exist.
@@ -87,7 +87,8 @@ def _warm_up(temperature: float, alpha: float) -> None:
     import torch
     import torch.nn.functional as F
 
-    from aitraining.losses import LinearHead, chunked_token_loss_sums, teacher_targets_from_logits
+    from aitraining.chunked import LinearHead, chunked_token_loss_sums
+    from aitraining.signal import teacher_targets_from_logits
 
     h = torch.randn(8, 16, requires_grad=True)
     w = torch.randn(32, 16, requires_grad=True)
@@ -105,7 +106,8 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from aitraining.losses import LinearHead, TeacherTargets, chunked_token_loss_sums, teacher_targets_from_logits
+    from aitraining.chunked import LinearHead, chunked_token_loss_sums
+    from aitraining.signal import TeacherTargets, teacher_targets_from_logits
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -111,13 +111,14 @@ def teacher_answers(teacher: str, prompts: list[str], out: Path, max_new: int, b
     import torch
     from tqdm.auto import tqdm
 
-    from aitraining.data import Example
+    from aitraining.data.examples import Example
     from aitraining.params import LLMTrainingParams
-    from aitraining.teacher import Teacher
+    from aitraining.teacher import TeacherSettings
+    from aitraining.teacher.engine import Engine
 
     params = LLMTrainingParams(model=teacher, teacher_model=teacher, data_path="-", use_distillation=True,
                                mixed_precision="no", distill_max_teacher_length=max_new)
-    t = Teacher(params, torch.device("cpu"))
+    t = Engine(params.settings(TeacherSettings), torch.device("cpu"))
     ids = [t.prompt_ids(Example(messages=[{"role": "user", "content": p}])) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     answers: list[str] = [""] * len(ids)
@@ -192,18 +193,22 @@ def train_arm(arm: str, seed: int, student: str, teacher: str, data: str, work: 
 
 
 def make_judge(teacher: str, student: str, data: str, work: Path):
-    """The exact teacher on its held-out answers (aitraining.evaluate.TeacherReference), and a function that
+    """The exact teacher on its held-out answers (aitraining.judge.TeacherReference), and a function that
     compares a trained student folder to it."""
-    from aitraining import models
-    from aitraining.evaluate import TeacherReference
+    from aitraining.batches import StudentSettings
+    from aitraining.data.examples import DataSettings
+    from aitraining.judge import TeacherReference
+    from aitraining.models.load import load_causal_lm
     from aitraining.params import LLMTrainingParams
+    from aitraining.teacher import TeacherSettings
 
     params = LLMTrainingParams(model=student, teacher_model=teacher, data_path=data, use_distillation=True,
                                distill_max_teacher_length=1024, project_name=str(work / "judge"))
-    reference = TeacherReference(params, str(work / "judge"))
+    reference = TeacherReference(params.settings(StudentSettings), params.settings(TeacherSettings),
+                                 params.settings(DataSettings), str(work / "judge"))
 
     def judge(folder: str) -> dict[str, Any]:
-        model = models.load_causal_lm(folder)
+        model = load_causal_lm(folder)
         got = reference.compare(model)
         return {"kl_t1": got["kl_to_teacher"], "top1": got["top1_agreement"], "ce": got["ce"], "rouge_l": got["rouge_l"],
                 "rouge_l_per_answer": got["rouge_l_per_answer"], "n_tokens": got["n_tokens"], "answers": got["answers"],
@@ -285,7 +290,7 @@ def spread(values: list[float]) -> dict[str, float]:
 def answer_shape(answers: list[str], references: list[str]) -> dict[str, float]:
     """What ROUGE-L is made of, for reading it: words per answer, the share of an answer's word trigrams that
     repeat an earlier one (loops), and ROUGE-L's precision and recall (the F-measure is their harmonic mean)."""
-    from aitraining.evaluate import repeated_trigrams, rouge_l
+    from aitraining.metrics import repeated_trigrams, rouge_l
 
     scores = rouge_l(answers, references)
     return {"words": statistics.fmean(len(a.split()) for a in answers),
@@ -299,7 +304,7 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]], references: list[str] 
     reference (per seed, then their spread: the seeds pair up, they share the data order), and the ROUGE-L
     difference's 95 % interval over the held-out prompts. With the teacher's answers (`references`) and runs
     judged since judge.json keeps every answer, also `answer_shape`."""
-    from aitraining.evaluate import paired_difference
+    from aitraining.metrics import paired_difference
 
     out: dict[str, Any] = {}
     for arm, by_seed in runs.items():
@@ -399,10 +404,10 @@ def main() -> None:
     judge = make_judge(teacher, student, heldout_data, work)
     key = hashlib.sha256((Path(heldout_data).read_text() + student + teacher).encode()).hexdigest()[:16]
     untrained = stored(work / "judge" / f"untrained-{key}.json", lambda: judge(student))
-    from aitraining import models
+    from aitraining.models.load import load_causal_lm
 
     # The float32 teacher, for `copying` on its own answers and `teacher_on_loops`: loaded once, if anything needs it.
-    teacher_model = functools.cache(lambda: models.load_causal_lm(teacher))
+    teacher_model = functools.cache(lambda: load_causal_lm(teacher))
     teacher_copying = stored(work / "judge" / f"teacher-copying-{key}.json",
                              lambda: copying(teacher_model(), judge.reference.items))
     runs: dict[str, dict[int, dict[str, Any]]] = {}
@@ -418,7 +423,7 @@ def main() -> None:
                 judged.write_text(json.dumps(judge(str(judged.parent)), indent=2, ensure_ascii=False))
             rec["judge"] = json.loads(judged.read_text())
             if "copy_top1" not in rec["judge"]:  # judged before `copying` existed: add it, the rest stands
-                rec["judge"].update(copying(models.load_causal_lm(str(judged.parent)), judge.reference.items))
+                rec["judge"].update(copying(load_causal_lm(str(judged.parent)), judge.reference.items))
                 judged.write_text(json.dumps(rec["judge"], indent=2, ensure_ascii=False))
             if "tokens_after_repeat" not in rec["judge"] and "answers" in rec["judge"]:  # the same for `teacher_on_loops`
                 rec["judge"].update(teacher_on_loops(teacher_model(), judge.reference.tokenizer, judge.reference.items,

@@ -63,17 +63,21 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def gen_worker(args: argparse.Namespace) -> None:
     """Load the teacher once; time batched and one-at-a-time generation of the same prompts; print JSON."""
+    import dataclasses
+
     import torch
 
-    from aitraining.data import Example
+    from aitraining.data.examples import Example
     from aitraining.params import LLMTrainingParams
-    from aitraining.teacher import Teacher
+    from aitraining.teacher import TeacherSettings
+    from aitraining.teacher.engine import Engine
 
     torch.manual_seed(0)
     # The worker needs no data or student; these fields are required by validation only.
     params = LLMTrainingParams(model=args.teacher, data_path=args.data, use_distillation=True, teacher_model=args.teacher,
                                distill_max_teacher_length=args.max_new, teacher_batch_size=args.batch_size)
-    teacher = Teacher(params, torch.device("cpu"))
+    settings = params.settings(TeacherSettings)
+    teacher = Engine(settings, torch.device("cpu"))
     started = time.perf_counter()
     _ = teacher.model  # loaded lazily: load it outside the timed parts
     load_s = time.perf_counter() - started
@@ -83,10 +87,10 @@ def gen_worker(args: argparse.Namespace) -> None:
 
     # Warm-up: the first generate() pays one-time costs (kernel selection, allocator growth) that neither
     # side should carry. Two new tokens are enough to run both the prefill and the decode path.
-    teacher.params = params.model_copy(update={"distill_max_teacher_length": 2})
+    teacher.settings = dataclasses.replace(settings, distill_max_teacher_length=2)
     teacher.generate([prompts[order[0]]])
     teacher.generate([prompts[i] for i in order[: min(len(order), args.batch_size)]])
-    teacher.params = params
+    teacher.settings = settings
 
     batched: dict[int, list[int]] = {}
     slots = 0

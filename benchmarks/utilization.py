@@ -73,7 +73,7 @@ def token_counts(student: str, data: str, max_len: int) -> int:
 def parameters(folder: str) -> int:
     from transformers import AutoModelForCausalLM
 
-    from aitraining.models import count_parameters
+    from aitraining.models.load import count_parameters
 
     return count_parameters(AutoModelForCausalLM.from_pretrained(folder))
 

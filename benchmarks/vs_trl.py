@@ -19,7 +19,7 @@ Self-Instruct prompts (benchmarks/data), same epochs, batch size, learning rate,
 
 Reported: wall time and peak RSS of each training command (its own process, measured by the kernel), and the
 held-out KL(teacher || student) at T = 1 of each student (the last 100 user-oriented prompts, the float32
-teacher, full vocabulary: aitraining.evaluate.TeacherReference, as in quality.py).
+teacher, full vocabulary: aitraining.judge.TeacherReference, as in quality.py).
 """
 
 from __future__ import annotations

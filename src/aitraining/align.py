@@ -17,10 +17,11 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from aitraining.losses import VocabularyMap
+import torch
+
+from aitraining.signal import VocabularyMap
 
 # Text that tokenizers are known to split differently: whitespace runs, digits, accents, emoji, CJK, code.
 PROBE_TEXTS = (
@@ -279,14 +280,10 @@ def shared_vocabulary(student: Any, teacher: Any, tables: tuple[list[bytes | Non
 
 def vocabulary_map(student: Any, teacher: Any,
                    tables: tuple[list[bytes | None], list[bytes | None]] | None = None) -> VocabularyMap:
-    """How the teacher's ids read in the student's vocabulary (Note [Across vocabularies] in losses.py): the
+    """How the teacher's ids read in the student's vocabulary (Note [Across vocabularies] in signal.py): the
     one-to-one map of `shared_vocabulary`, with the teacher's EOS read as the student's; and each teacher token's
     first piece in the student's tokens (itself where shared, else the longest student token that its bytes start
     with: " Portuguese" is " Portug" + ... to a student without the whole word)."""
-    import torch
-
-    from aitraining.losses import VocabularyMap
-
     s_table, t_table = tables or (token_bytes(student), token_bytes(teacher))
     s_ids, t_ids = shared_vocabulary(student, teacher, (s_table, t_table))
     to_student = torch.full((len(teacher),), -1, dtype=torch.long)
@@ -355,7 +352,7 @@ class ResponseAligner:
             # Where both start a token at the same character, the student's takes the teacher's row if it is the
             # teacher token's first piece (the same token where both have it; " Portug" of " Portuguese"): both
             # then predict text starting with it from the same text, which is what the projected distribution
-            # holds (Note [Across vocabularies] in losses.py).
+            # holds (Note [Across vocabularies] in signal.py).
             if t0 < agree and int(self.vocab.first_piece[t_ids[t0]]) == s_ids[s0]:
                 rows[s0] = t0
         if ended and eos is not None:

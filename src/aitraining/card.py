@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
-
-from aitraining.params import LLMTrainingParams
 
 _KEY_PARAMS = (
     "epochs", "batch_size", "gradient_accumulation", "lr", "scheduler", "warmup_ratio", "optimizer",
@@ -77,24 +76,24 @@ def add_comparison(project: str, table: list[str], verdict: str, pictures: list[
         f.write(head + COMPARISON_MARK + "\n" + "\n".join(section) + COMPARISON_END + tail)
 
 
-def _signal(params: LLMTrainingParams) -> str:
-    if params.distill_on_policy > 0:
-        return (f"{_offline_signal(params)[:-1]}; on {params.distill_on_policy:.0%} of the steps on the student's own "
+def _signal(params: Mapping[str, Any]) -> str:
+    if params['distill_on_policy'] > 0:
+        return (f"{_offline_signal(params)[:-1]}; on {params['distill_on_policy']:.0%} of the steps on the student's own "
                 "sampled answers instead, scored by the teacher's exact distribution up to their first repeated "
                 "trigram (on-policy).")
     return _offline_signal(params)
 
 
-def _offline_signal(params: LLMTrainingParams) -> str:
-    if params.teacher_source == "live":
+def _offline_signal(params: Mapping[str, Any]) -> str:
+    if params['teacher_source'] == "live":
         return "against the teacher's exact full-vocabulary distribution, computed live at every step."
-    tail = (f" plus {params.distill_tail_samples} tokens sampled from the rest of its tempered distribution"
-            if params.distill_tail_samples else " plus the mass of the rest")
-    return f"against the teacher's top-{params.distill_top_k} tokens{tail}, cached once."
+    tail = (f" plus {params['distill_tail_samples']} tokens sampled from the rest of its tempered distribution"
+            if params['distill_tail_samples'] else " plus the mass of the rest")
+    return f"against the teacher's top-{params['distill_top_k']} tokens{tail}, cached once."
 
 
 def write_model_card(
-    project: str, params: LLMTrainingParams, final: dict[str, Any], metrics: list[dict[str, Any]], *, n_train: int,
+    project: str, params: Mapping[str, Any], final: dict[str, Any], metrics: list[dict[str, Any]], *, n_train: int,
     n_valid: int, distill_path: str | None = None, summary: str | None = None, pictures: list[str] | None = None,
 ) -> str:
     """README.md of the project folder. `final`: the run's final figures (run.json); `metrics`: the records of
@@ -103,8 +102,8 @@ def write_model_card(
     lines = [
         "---",
         "library_name: transformers",
-        f"base_model: {params.model}",
-        "tags: [aitraining" + (", distillation" if params.use_distillation else ", sft") + (", lora" if params.peft else "") + "]",
+        f"base_model: {params['model']}",
+        "tags: [aitraining" + (", distillation" if params['use_distillation'] else ", sft") + (", lora" if params['peft'] else "") + "]",
         "---",
         "",
         f"# {name}",
@@ -112,26 +111,26 @@ def write_model_card(
     ]
     if summary:
         lines += [summary]
-    elif params.use_distillation and params.distill_mode == "sequence":
-        lines += [f"A student trained with aitraining on the answers **{params.teacher_model}** wrote for the prompts "
-                  f"(sequence-level distillation), into **{params.model}**."]
-    elif params.use_distillation:
+    elif params['use_distillation'] and params['distill_mode'] == "sequence":
+        lines += [f"A student trained with aitraining on the answers **{params['teacher_model']}** wrote for the prompts "
+                  f"(sequence-level distillation), into **{params['model']}**."]
+    elif params['use_distillation']:
         lines += [
-            f"A student distilled from **{params.teacher_model}** into **{params.model}** with aitraining: "
-            f"loss = {params.distill_alpha:g} x T^2 x {params.distill_loss}(teacher_T || student_T) + "
-            f"{1 - params.distill_alpha:g} x cross-entropy, T = {params.distill_temperature:g}, on response tokens only, "
+            f"A student distilled from **{params['teacher_model']}** into **{params['model']}** with aitraining: "
+            f"loss = {params['distill_alpha']:g} x T^2 x {params['distill_loss']}(teacher_T || student_T) + "
+            f"{1 - params['distill_alpha']:g} x cross-entropy, T = {params['distill_temperature']:g}, on response tokens only, "
             + _signal(params),
         ]
     else:
-        lines += [f"**{params.model}** fine-tuned with aitraining (supervised, on response tokens)."]
+        lines += [f"**{params['model']}** fine-tuned with aitraining (supervised, on response tokens)."]
     if distill_path:
         lines += ["", f"Path: {distill_path}."]
     lines += [
         "",
         "## Data",
         "",
-        f"- source: `{params.data_path}` (split `{params.train_split}`: {n_train} rows used"
-        + (f"; validation `{params.valid_split}`: {n_valid} rows" if params.valid_split else
+        f"- source: `{params['data_path']}` (split `{params['train_split']}`: {n_train} rows used"
+        + (f"; validation `{params['valid_split']}`: {n_valid} rows" if params['valid_split'] else
            f"; held out for evaluation: {n_valid} rows" if n_valid else "")
         + ")",
         "",
@@ -140,10 +139,10 @@ def write_model_card(
         "| parameter | value |",
         "|---|---|",
     ]
-    keys = _KEY_PARAMS + (_DISTILL_PARAMS if params.use_distillation else ())
+    keys = _KEY_PARAMS + (_DISTILL_PARAMS if params['use_distillation'] else ())
     for k in keys:
-        lines.append(f"| {k} | `{json.dumps(getattr(params, k))}` |")
-    lines += ["", "The full set is in `training_params.json`; every logged step in `metrics.jsonl`.", "", "## Result", ""]
+        lines.append(f"| {k} | `{json.dumps(params[k])}` |")
+    lines += ["", "The full set is in `training_params['json']`; every logged step in `metrics.jsonl`.", "", "## Result", ""]
     lines += _result(final, metrics, n_valid)
     lines += [f"![{os.path.splitext(p)[0].replace('_', ' ')}]({p})" for p in pictures or []]
     lines += ["", COMPARISON_MARK]
@@ -160,9 +159,9 @@ def write_model_card(
         "```",
         "",
     ]
-    if params.peft and not params.merge_adapter:
+    if params['peft'] and not params['merge_adapter']:
         lines.append("This folder holds a LoRA adapter; transformers loads it onto the base model (peft must be installed).")
-    elif params.peft:
+    elif params['peft']:
         lines.append("This folder holds the merged model; the LoRA adapter alone is in `adapter/`.")
     path = os.path.join(project, "README.md")
     with open(path, "w", encoding="utf-8") as f:

@@ -124,16 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _eval(ns: argparse.Namespace) -> int:
+    from aitraining.batches import StudentSettings
     from aitraining.compare import table
+    from aitraining.data.examples import DataSettings
     from aitraining.evaluate import run_eval
-    from aitraining.models import resolve_model_source
+    from aitraining.models.load import resolve_model_source
+    from aitraining.teacher import TeacherSettings
 
     for name, value in (("--max-rows", ns.max_rows), ("--max-new-tokens", ns.max_new_tokens)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
     output = ns.output or os.path.join(ns.model if os.path.isdir(ns.model) else ".", "eval.json")
     params = LLMTrainingParams(model=ns.model, teacher_model=ns.teacher_model, data_path=ns.data_path,
-                               use_distillation=True, teacher_source="live", mixed_precision="no", holdout_share=0.0,
+                               use_distillation=True, holdout_share=0.0,
                                max_samples=ns.max_rows, distill_max_teacher_length=ns.max_new_tokens,
                                chat_template=ns.chat_template, trust_remote_code=ns.trust_remote_code,
                                allow_pickle_weights=ns.allow_pickle_weights, skip_bad_rows=ns.skip_bad_rows,
@@ -142,7 +145,8 @@ def _eval(ns: argparse.Namespace) -> int:
     resolve_model_source(ns.teacher_model, flag="--teacher-model")
     if ns.baseline:
         resolve_model_source(ns.baseline, flag="--baseline")
-    record = run_eval(params, output, baseline=ns.baseline)
+    record = run_eval(params.settings(StudentSettings), params.settings(TeacherSettings), params.settings(DataSettings),
+                      output, baseline=ns.baseline)
     if "kl_to_teacher" in next(iter(record["models"].values())):
         print("\n".join(table(record, roles=list(record["models"]))))
     else:
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "eval":
             return _eval(ns)
         if ns.command == "prune":
-            from aitraining.models import prune_to_folder
+            from aitraining.models.prune import prune_to_folder
 
             out = prune_to_folder(ns.model, ns.num_layers, ns.output, overwrite=ns.overwrite, layers=ns.layers,
                                   trust_remote_code=ns.trust_remote_code, allow_pickle=ns.allow_pickle_weights,
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {out}")
             return 0
         if ns.command == "transplant":
-            from aitraining.models import transplant_to_folder
+            from aitraining.models.transplant import transplant_to_folder
 
             out = transplant_to_folder(ns.model, ns.tokenizer, ns.output, overwrite=ns.overwrite,
                                        trust_remote_code=ns.trust_remote_code, allow_pickle=ns.allow_pickle_weights)

@@ -1,93 +1,41 @@
-"""What distillation bought: the same student without it, and student, baseline and teacher judged side by side.
+"""What distillation bought: the distilled student, the same student trained without distillation (the baseline,
+trained by `train.run` with --compare-baseline) and the teacher, judged side by side on the run's held-out rows.
 
-`--compare-baseline` (after a distillation run): the baseline is the same student fine-tuned on the teacher's
-responses (the very token sequences the distilled student trained on, without the teacher's distribution:
-same rows, budget, schedule and seed; the teacher's answers are reused, never regenerated). It is trained
-into `<project>/baseline/`. Then the teacher (float32, exact) gives its distribution on the held-out rows
-once, and each model is judged by `evaluate.TeacherReference` (one implementation of every metric) and sized
-by `evaluate.model_facts`. Written to the project folder: `comparison.json`, a table on the console and in
-the model card, `comparison.png` and `samples.md` (held-out prompts with the three answers).
+The teacher (float32, exact) gives its distribution on the held-out rows once, and each model is judged by
+`judge.TeacherReference` (one implementation of every metric) and sized by `metrics.model_facts`. Written to the
+project folder: `comparison.json`, a table on the console and in the model card, `comparison.png` and
+`samples.md` (held-out prompts with the three answers).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
+from collections.abc import Sequence
 from typing import Any
 
-from aitraining.params import LLMTrainingParams
+from aitraining.batches import Item
+from aitraining.card import add_comparison
+from aitraining.judge import N_SAMPLES, TeacherReference, judge_models, without_answers
+from aitraining.metrics import paired_difference
+from aitraining.plots import comparison_chart, training_curves
 from aitraining.runfolder import RunFolder
+from aitraining.teacher import TeacherSource
 
 log = logging.getLogger(__name__)
 
 COMPARISON_FILE = "comparison.json"
 SAMPLES_FILE = "samples.md"
-N_SAMPLES = 5
 ROLES = ("distilled", "baseline", "teacher")
 
 
-def baseline_params(params: LLMTrainingParams, folder: RunFolder) -> LLMTrainingParams:
-    """The baseline's run: the distilled run's settings without distillation, in `<project>/baseline/`. When the
-    distilled run resumes (--resume-from-checkpoint) the baseline resumes too, from its own latest checkpoint,
-    if it has one of the same run (an interrupted or finished baseline is never trained again from scratch)."""
-    bparams = params.model_copy(update={"use_distillation": False, "compare_baseline": False, "overwrite": True,
-                                        "resume_from_checkpoint": None, "project_name": folder.file("baseline")})
-    if params.resume_from_checkpoint and RunFolder(bparams, is_main=False).resumable():
-        bparams = bparams.model_copy(update={"resume_from_checkpoint": "latest"})
-    return bparams
-
-
-def compare_with_baseline(params: LLMTrainingParams, data: Any, folder: RunFolder, accelerator: Any, *,
-                          show_progress: bool) -> dict[str, Any] | None:
-    """Train the baseline, judge the three on the held-out rows and write the comparison (see the module)."""
-    from accelerate.utils import set_seed
-
-    from aitraining.train import Prepared, build_student, finish, fit
-
-    started = time.time()
-    bparams = baseline_params(params, folder)
-    bfolder = RunFolder(bparams, is_main=accelerator.is_main_process)
-    log.info("the baseline: the same student fine-tuned on the teacher's answers, without distillation (%s)",
-             bfolder.path)
-    set_seed(params.seed)
-    # No teacher in training; the held-out evaluation reads the same cached teacher as the distilled run's, so
-    # both curves of held-out KL are one measurement.
-    bdata = Prepared(data.tokenizer, data.train_items, data.valid_items, valid_examples=data.valid_examples,
-                     judge_source=data.source)
-    bfolder.check()
-    bfolder.open()
-    accelerator.wait_for_everyone()
-    try:
-        fitted = fit(build_student(bparams, distilling=False), bdata, bparams, bfolder, accelerator,
-                     show_progress=show_progress)
-        finish(fitted, bdata, bparams, bfolder, accelerator, started, summary=(
-            f"The no-distillation baseline of `{folder.path}`: **{params.model}** fine-tuned on the answers "
-            f"**{params.teacher_model}** wrote (the same rows, budget and seed as the distilled student, without "
-            "the teacher's distribution)."))
-    finally:
-        bfolder.release()
-    folder.open_log()
-    result = None
-    if accelerator.is_main_process:
-        result = judge(params, data, {"distilled": folder.path, "baseline": bfolder.path}, show_progress=show_progress)
-        write_comparison(folder, params, result)
-    accelerator.wait_for_everyone()
-    return result
-
-
-def judge(params: LLMTrainingParams, data: Any, students: dict[str, str], *, show_progress: bool) -> dict[str, Any]:
-    """Each student folder and the teacher on the run's held-out rows (evaluate.judge_models)."""
-    import torch
-
-    from aitraining.evaluate import TeacherReference, judge_models, prompt_text
-    from aitraining.teacher import LiveTeacher, Teacher
-
-    exact = params.model_copy(update={"mixed_precision": "no", "teacher_source": "live"})
-    reference = TeacherReference.from_items(data.valid_items, LiveTeacher(Teacher(exact, torch.device("cpu"))),
-                                            data.tokenizer, [prompt_text(ex) for ex in data.valid_examples],
-                                            show_progress=show_progress)
-    return judge_models(reference, {**students, "teacher": params.teacher_model or ""}, params,
+def judge(items: Sequence[Item], prompts: Sequence[str], source: TeacherSource, tokenizer: Any,
+          folders: dict[str, str], *, trust_remote_code: bool = False, allow_pickle: bool = False,
+          token: str | None = None, show_progress: bool = False) -> dict[str, Any]:
+    """Each model folder (role -> folder; "teacher" the teacher) on the run's held-out `items` (`prompts`: their
+    user text), against the teacher's exact `source` (`open_source(..., exact=True)`)."""
+    reference = TeacherReference.from_items(items, source, tokenizer, prompts, show_progress=show_progress)
+    return judge_models(reference, folders, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, token=token,
                         show_progress=show_progress)
 
 
@@ -120,8 +68,6 @@ def verdict(result: dict[str, Any]) -> str:
 def rouge_interval(a: dict[str, Any], b: dict[str, Any]) -> str:
     """' (difference +0.006, 95 % interval -0.011 to +0.024: within what the prompts drawn allow)', from the
     per-answer scores; '' where they are missing."""
-    from aitraining.evaluate import paired_difference
-
     if not a.get("rouge_l_per_answer") or not b.get("rouge_l_per_answer"):
         return ""
     got = paired_difference([a["rouge_l_per_answer"]], [b["rouge_l_per_answer"]])
@@ -130,33 +76,20 @@ def rouge_interval(a: dict[str, Any], b: dict[str, Any]) -> str:
     return f" (difference {got['mean']:+.3f}, 95 % interval {lo:+.3f} to {hi:+.3f}: {what})"
 
 
-def write_comparison(folder: RunFolder, params: LLMTrainingParams, result: dict[str, Any]) -> None:
-    from aitraining import plots
-
+def write_comparison(folder: RunFolder, result: dict[str, Any], baseline_metrics: list[dict[str, Any]]) -> None:
+    """comparison.json, samples.md, the pictures (both runs' curves: `baseline_metrics` are the baseline's
+    metrics.jsonl records) and the model card's comparison section; the table and verdict on the console."""
     record = without_answers(result)
     record["verdict"] = verdict(result)
     folder.write_json(COMPARISON_FILE, record)
     write_samples(folder.file(SAMPLES_FILE), result)
-    pictures = plots.comparison_chart(folder.file("comparison.png"), result)
-    pictures += plots.training_curves(folder.file("training_curves.png"),
-                                      {"distilled": folder.metrics(), "baseline": RunFolder(baseline_params(params, folder)).metrics()})
+    pictures = comparison_chart(folder.file("comparison.png"), result)
+    pictures += training_curves(folder.file("training_curves.png"),
+                                {"distilled": folder.metrics(), "baseline": baseline_metrics})
     lines = table(result)
     print("\n" + "\n".join(lines) + "\n" + verdict(result) + "\n", flush=True)
-    from aitraining.card import add_comparison
-
     add_comparison(folder.path, lines, verdict(result), [os.path.basename(p) for p in pictures])
     log.info("comparison: %s (%s, %s)", verdict(result), COMPARISON_FILE, SAMPLES_FILE)
-
-
-def without_answers(result: dict[str, Any], n_samples: int = N_SAMPLES) -> dict[str, Any]:
-    """A judged result as written to JSON: the figures, and the first few answers as samples."""
-    record = {k: v for k, v in result.items() if k not in ("prompts", "references", "models")}
-    record["models"] = {r: {k: v for k, v in row.items() if k != "answers"} for r, row in result["models"].items()}
-    record["samples"] = [{"prompt": p, "teacher's response": t,
-                          **{r: row["answers"][i] for r, row in result["models"].items()}}
-                         for i, (p, t) in enumerate(zip(result["prompts"][:n_samples], result["references"][:n_samples],
-                                                        strict=True))]
-    return record
 
 
 def write_samples(path: str, result: dict[str, Any], n: int = N_SAMPLES) -> None:

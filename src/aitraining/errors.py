@@ -17,3 +17,10 @@ class Interrupted(UserError):
     """The user stopped the run (Ctrl-C) after what it had done was saved; the message says how to resume."""
 
     exit_code = 130
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message for a one-line error: its first non-empty line, whitespace collapsed, at most `limit`
+    characters (a library's message may span many lines)."""
+    line = next((text for text in str(error).splitlines() if text.strip()), "")
+    return " ".join(line.split())[:limit] or type(error).__name__

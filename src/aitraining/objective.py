@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from aitraining.losses import Targets, auto_chunk_size, chunked_token_loss_sums
-from aitraining.models import causal_lm, decoder, output_head
+from aitraining.chunked import auto_chunk_size, chunked_token_loss_sums
+from aitraining.models.heads import causal_lm, decoder, output_head
+from aitraining.signal import Targets
 
 
 def target_positions(attention_mask: Tensor, n_prompt: Tensor) -> Tensor:
@@ -28,7 +29,7 @@ def target_positions(attention_mask: Tensor, n_prompt: Tensor) -> Tensor:
 
 
 class Objective(nn.Module):
-    """Wraps the student; forward returns the *summed* loss over trained positions (see losses.py)."""
+    """Wraps the student; forward returns the *summed* loss over trained positions (Note [Sum reduction] in chunked.py)."""
 
     def __init__(
         self,

@@ -28,15 +28,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor
 
-from aitraining import models
-from aitraining.losses import DenseTargets
-from aitraining.teacher import LiveTeacher, Teacher
+from aitraining.batches import Item
+from aitraining.models.generate import generate_answers, stop_ids
+from aitraining.models.heads import causal_lm
+from aitraining.padding import pad_id
+from aitraining.signal import Targets
+from aitraining.teacher import TeacherSource
 
 
-class _RealTokensOnly(LogitsProcessor):
-    """Note [Padded vocabularies] (teacher.py): embedding rows past the tokenizer are no tokens; an untrained
+class _RealTokensOnly:
+    """Note [Padded vocabularies] (teacher/engine.py): embedding rows past the tokenizer are no tokens; an untrained
     student would otherwise sample them."""
 
     def __init__(self, vocab: int) -> None:
@@ -70,12 +72,12 @@ def until_first_repeat(answer: list[int], n: int = LOOP_NGRAM) -> list[int]:
 class OnPolicy:
     """The student's own answers and the live teacher's targets on them, for the steps that are on-policy."""
 
-    def __init__(self, teacher: Teacher, tokenizer: Any, *, share: float, seed: int, max_new_tokens: int,
+    def __init__(self, scorer: TeacherSource, tokenizer: Any, *, share: float, seed: int, max_new_tokens: int,
                  block_size: int) -> None:
-        self.teacher = LiveTeacher(teacher)
+        self.scorer = scorer  # the teacher live (`TeacherSource.scorer`): it scores whatever the student wrote
         self.share, self.seed = share, seed
         self.max_new_tokens, self.block_size = max_new_tokens, block_size
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad = pad_id(tokenizer)
         self.tokenizer = tokenizer
         self.vocab = len(tokenizer)
 
@@ -91,23 +93,21 @@ class OnPolicy:
     def answer(self, student: Any, items: Sequence[Any], *, step: int, micro: int) -> list[Any]:
         """The items with the student's own sampled answers (at T = 1, from its full distribution) in place of
         the data's: same prompts, the teacher's prompt kept for scoring."""
-        from aitraining.train import Item
-
         prompts = [list(it.input_ids[: it.n_prompt]) for it in items]
         room = min(self.max_new_tokens, self.block_size - max(len(p) for p in prompts))
-        student = models.causal_lm(student)  # a LoRA student generates through its base model, adapters in place
+        student = causal_lm(student)  # a LoRA student generates through its base model, adapters in place
         was_training = student.training
         student.eval()
         try:
             with torch.random.fork_rng(devices=[]):  # the training's own random state stays untouched
                 torch.manual_seed((self.seed * 1_000_003 + step) * 64 + micro)
-                answers = models.generate_answers(student, prompts, max_new_tokens=max(room, 1),
-                                                  stop=models.stop_ids(self.tokenizer, student), pad=self.pad,
-                                                  processors=[_RealTokensOnly(self.vocab)], do_sample=True)
+                answers = generate_answers(student, prompts, max_new_tokens=max(room, 1),
+                                           stop=stop_ids(self.tokenizer, student), pad=self.pad,
+                                           processors=[_RealTokensOnly(self.vocab)], do_sample=True)
         finally:
             student.train(was_training)
         return [Item(p + until_first_repeat(a), len(p), None, it.teacher_prompt)
                 for p, a, it in zip(prompts, answers, items, strict=True)]
 
-    def targets(self, items: Sequence[Any]) -> DenseTargets:
-        return self.teacher.targets(items)
+    def targets(self, items: Sequence[Any]) -> Targets:
+        return self.scorer.targets(items)

@@ -8,11 +8,12 @@ was used, because the CLI and the Python API share this one object.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -28,6 +29,9 @@ SECRET_FIELDS = frozenset({"token"})
 INVOCATION_FIELDS = frozenset({"resume_from_checkpoint", "overwrite", "token", "log", "eval_steps", "eval_max_rows",
                                "compare_baseline", "skip_bad_rows",
                                "allow_pickle_weights"})
+
+
+T = TypeVar("T")
 
 
 def digest(obj: Any, length: int = 24) -> str:
@@ -232,9 +236,18 @@ class LLMTrainingParams(BaseModel):
         """The fields that make two runs the same run (what a reused project folder is compared on)."""
         return {k: v for k, v in self.model_dump().items() if k not in INVOCATION_FIELDS}
 
-    def save_json(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.public_dict(), f, indent=2, sort_keys=True)
+    def identity(self) -> str:
+        """The run's identity: a digest of `run_identity`, what run.json and checkpoints record."""
+        return digest(self.run_identity(), 16)
+
+    def settings(self, cls: type[T], **given: Any) -> T:
+        """A stage's settings: a dataclass whose fields are named as the parameters they hold (`given` sets those
+        that are no parameter), so that a stage receives what it reads and never the whole parameters object."""
+        names = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in given]  # type: ignore[arg-type]
+        unknown = [n for n in names if n not in type(self).model_fields]
+        if unknown:
+            raise TypeError(f"{cls.__name__}: {', '.join(unknown)} are no parameters; pass them as keywords")
+        return cls(**{n: getattr(self, n) for n in names}, **given)
 
     @property
     def effective_teacher_template(self) -> str:

@@ -8,26 +8,20 @@ from typing import Any
 COLORS = {"distilled": "#1f77b4", "baseline": "#ff7f0e", "fine-tuned": "#ff7f0e", "teacher": "#2ca02c"}
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def training_curves(path: str, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Loss, its distillation (KD) and label (CE) parts per logged step, and the held-out KL to the teacher and
     label loss per evaluation, one line per run (`runs`: name -> the records of its metrics.jsonl)."""
     runs = {name: recs for name, recs in runs.items() if recs}
     if not runs:
         return []
-    plt = _pyplot()
+    from matplotlib.figure import Figure  # lazy: drawing is the last thing a run does, and a second to import
+
     panels = [("loss", "training loss"), ("kd", "distillation term (KD)"), ("ce", "label term (CE)"),
               ("eval_kl_to_teacher", "held-out KL(teacher ‖ student)"), ("eval_ce", "held-out label loss")]
     shown = [(k, t) for k, t in panels if any(k in r and r[k] is not None for recs in runs.values() for r in recs)]
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.4), squeeze=False)
+    # A Figure of its own, not pyplot's: no display, and no backend of the caller's process is switched.
+    fig = Figure(figsize=(4.2 * len(shown), 3.4))
+    axes = fig.subplots(1, len(shown), squeeze=False)
     for ax, (key, title) in zip(axes[0], shown, strict=True):
         for name, recs in runs.items():
             pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
@@ -44,20 +38,21 @@ def training_curves(path: str, runs: dict[str, list[dict[str, Any]]]) -> list[st
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return [path]
 
 
 def comparison_chart(path: str, result: dict[str, Any]) -> list[str]:
     """Bars of KL to the teacher, top-1 agreement and ROUGE-L for each model of a comparison
     (compare.judge's result), with each value written on its bar."""
-    plt = _pyplot()
+    from matplotlib.figure import Figure  # lazy: drawing is the last thing a run does, and a second to import
+
     models = [m for m in ("distilled", "baseline", "teacher") if m in result["models"]]
     metrics = [("kl_to_teacher", "KL(teacher ‖ model), lower is better", "{:.3f}"),
                ("top1_agreement", "top-1 agreement with the teacher", "{:.1%}"),
                ("rouge_l", "ROUGE-L vs the teacher's answers", "{:.3f}"),
                ("tokens_per_s", "generation tokens/s (this machine)", "{:.0f}")]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(metrics), 3.4))
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, (key, title, fmt) in zip(axes[0], metrics, strict=True):
         values = [float(result["models"][m][key]) for m in models]
         bars = ax.bar(models, values, color=[COLORS[m] for m in models])
@@ -69,5 +64,4 @@ def comparison_chart(path: str, result: dict[str, Any]) -> list[str]:
     fig.suptitle(f"{result['held_out_rows']} held-out rows, {result['held_out_tokens']} teacher tokens", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return [path]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aitraining.errors import UserError
 from aitraining.params import LLMTrainingParams
+from aitraining.train import run
 
 
 class AutoTrainProject:
@@ -22,6 +23,4 @@ class AutoTrainProject:
         self.process = process
 
     def create(self) -> str:
-        from aitraining.train import run
-
         return run(self.params)

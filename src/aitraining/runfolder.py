@@ -17,10 +17,10 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from aitraining.errors import UserError
-from aitraining.params import LLMTrainingParams, digest
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,6 @@ METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 LOCK_FILE = ".lock"
-
-
-def identity(params: LLMTrainingParams) -> str:
-    return digest(params.run_identity(), 16)
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -85,19 +81,35 @@ def checkpoint_time(folder: str) -> float:
     return os.path.getmtime(state if os.path.exists(state) else folder)
 
 
+@dataclass(frozen=True)
+class FolderSettings:
+    """What the project folder reads of a run: the flags named as the parameters, and the run's `identity` and
+    `record` (the parameters as written to training_params.json: never the token)."""
+
+    project_name: str
+    identity: str
+    record: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
+    resume_from_checkpoint: str | None = None
+    save_total_limit: int = 1
+    use_distillation: bool = False
+    peft: bool = False
+    merge_adapter: bool = False
+
+
 class RunFolder:
     """One run's project folder. `check` refuses a folder of something else before anything is written;
     `open` makes it this run's."""
 
-    def __init__(self, params: LLMTrainingParams, *, is_main: bool = True) -> None:
-        self.params = params
-        self.path = os.path.abspath(params.project_name)
+    def __init__(self, settings: FolderSettings, *, is_main: bool = True) -> None:
+        self.settings = settings
+        self.path = os.path.abspath(settings.project_name)
         self.is_main = is_main
 
     @property
     def name(self) -> str:
         """How pictures and tables name this run."""
-        return "distilled" if self.params.use_distillation else "fine-tuned"
+        return "distilled" if self.settings.use_distillation else "fine-tuned"
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -107,17 +119,17 @@ class RunFolder:
     def check(self) -> None:
         """Refuse (before anything is written) a folder holding a different run or other files, unless
         --overwrite."""
-        given = self.params.project_name
+        given = self.settings.project_name
         if os.path.isfile(self.path):
             raise UserError(f"--project-name '{given}' is a file; pass a folder path")
         held = [n for n in os.listdir(self.path) if n != LOCK_FILE] if os.path.isdir(self.path) else []
-        if not held or self.params.overwrite:
+        if not held or self.settings.overwrite:
             return
         if not os.path.exists(self.file(RUN_FILE)):
             raise UserError(f"--project-name '{given}' already exists and holds files of something else; "
                             "choose a new folder or pass --overwrite")
         previous = _read_json(self.file(RUN_FILE))
-        if previous.get("identity") != identity(self.params):
+        if previous.get("identity") != self.settings.identity:
             raise UserError(f"--project-name '{given}' holds a different {previous.get('status', 'unfinished')} run; "
                             "choose a new folder, or pass --overwrite to replace it")
 
@@ -129,25 +141,25 @@ class RunFolder:
             os.makedirs(self.path, exist_ok=True)
             self.lock()
             recorded = self._recorded_identity()
-            if recorded is not None and recorded != identity(self.params):
+            if recorded is not None and recorded != self.settings.identity:
                 for name in os.listdir(self.path):
                     if name.startswith(CHECKPOINT_PREFIX):
                         shutil.rmtree(self.file(name))
             os.makedirs(self.path, exist_ok=True)
-            if not self.params.resume_from_checkpoint:
+            if not self.settings.resume_from_checkpoint:
                 if os.path.exists(self.file(METRICS_FILE)):
                     os.replace(self.file(METRICS_FILE), self.file("metrics.previous.jsonl"))
                 if self.checkpoints():
                     log.warning("%s holds checkpoints of an earlier start of this run; starting from scratch "
                                 "(--resume-from-checkpoint latest would continue it)", self.path)
-            self.params.save_json(self.file(PARAMS_FILE))
+            self.write_text(PARAMS_FILE, json.dumps(self.settings.record, indent=2, sort_keys=True))
             self.write_run_file("running")
             self.open_log()
 
     def lock(self) -> None:
         """Hold an exclusive lock on the folder for as long as this run lives (the kernel drops it when the
         process ends, however it ends)."""
-        import fcntl
+        import fcntl  # lazy: POSIX only, and only a run that claims a folder needs it
 
         if getattr(self, "_lock", None) is not None:
             return
@@ -158,7 +170,7 @@ class RunFolder:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise UserError(f"--project-name '{self.params.project_name}' is in use by a run that is still going "
+            raise UserError(f"--project-name '{self.settings.project_name}' is in use by a run that is still going "
                             f"({holder}); wait for it to end, or choose another folder") from None
         handle.seek(0)
         handle.truncate()
@@ -184,7 +196,7 @@ class RunFolder:
     def write_run_file(self, status: str, **extra: Any) -> None:
         if not self.is_main:
             return
-        self.write_json(RUN_FILE, {"identity": identity(self.params), "status": status, **extra})
+        self.write_json(RUN_FILE, {"identity": self.settings.identity, "status": status, **extra})
 
     def write_json(self, name: str, record: Any) -> str:
         """A JSON file of the folder, written aside then renamed (never torn)."""
@@ -248,7 +260,7 @@ class RunFolder:
 
     def resumable(self) -> bool:
         """Whether the folder holds a complete checkpoint of this same run (its run.json names this run)."""
-        return self._recorded_identity() == identity(self.params) and bool(self.checkpoints())
+        return self._recorded_identity() == self.settings.identity and bool(self.checkpoints())
 
     def find_checkpoint(self, choice: str) -> str:
         if choice != "latest":
@@ -270,12 +282,12 @@ class RunFolder:
             accelerator.save_state(aside, safe_serialization=True)
             if self.is_main:
                 with open(os.path.join(aside, STATE_FILE), "w", encoding="utf-8") as f:
-                    json.dump({"global_step": step, "epoch": epoch, "identity": identity(self.params)}, f, indent=2)
+                    json.dump({"global_step": step, "epoch": epoch, "identity": self.settings.identity}, f, indent=2)
         if self.is_main:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(aside, final)
             older = [d for d in reversed(self.checkpoints()) if d != os.path.basename(final)]
-            for old in older[max(self.params.save_total_limit - 1, 0) :]:
+            for old in older[max(self.settings.save_total_limit - 1, 0) :]:
                 shutil.rmtree(self.file(old), ignore_errors=True)
         accelerator.wait_for_everyone()
 
@@ -288,7 +300,7 @@ class RunFolder:
     def save_model(self, model: Any, tokenizer: Any) -> None:
         """The trained student as a transformers folder (safetensors); a LoRA run saves its adapter, and with
         --merge-adapter the merged model too (the adapter then in adapter/)."""
-        if self.params.peft and self.params.merge_adapter:
+        if self.settings.peft and self.settings.merge_adapter:
             self._save_aside(model, self.file("adapter"))
             model = model.merge_and_unload()
         self._save_aside(model, self.path)

@@ -3,7 +3,9 @@ student are aligned on the response tokens of the real tokenizer, and the studen
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,11 +14,15 @@ from helpers import PAIRS, assert_same_weights, other_tokenizer_student, write_j
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from aitraining.align import vocabulary_map
+from aitraining.batches import StudentSettings
 from aitraining.cli import main
-from aitraining.data import Example
+from aitraining.data.examples import DataSettings, Example, read_examples
+from aitraining.models.load import load_tokenizer
 from aitraining.objective import Objective, target_positions
 from aitraining.params import LLMTrainingParams
-from aitraining.teacher import TargetCache, Teacher, prepare_teacher
+from aitraining.teacher import TeacherSettings, choose_path, open_source
+from aitraining.teacher.cache import TargetCache
+from aitraining.teacher.engine import Engine
 
 pytestmark = pytest.mark.e2e
 
@@ -27,6 +33,26 @@ def params_for(student: str, teacher: str, data: str, project: Path, **kw) -> LL
     return LLMTrainingParams(**{**base, **kw})
 
 
+def engine_for(params: LLMTrainingParams) -> Engine:
+    """The run's teacher in this process, on the CPU."""
+    return Engine(params.settings(TeacherSettings), torch.device("cpu"))
+
+
+def training_examples(params: LLMTrainingParams) -> list[Example]:
+    return read_examples(params.settings(DataSettings)).train
+
+
+def prepare_source(params: LLMTrainingParams, examples: list[Example], student_tokenizer, project_dir: str):
+    """The teacher phase as a run does it (on the CPU): the path from the two tokenizers, the run's source, its
+    `prepare`; returns (items, source)."""
+    settings = params.settings(TeacherSettings)
+    teacher_tokenizer = load_tokenizer(settings.teacher_model, flag="--teacher-model")
+    path = choose_path(student_tokenizer, teacher_tokenizer, mode=settings.distill_mode, source=settings.teacher_source)
+    source = open_source(settings, project_dir=project_dir, device=torch.device("cpu"), path=path,
+                         tokenizer=teacher_tokenizer)
+    return source.prepare(examples, show_progress=False), source
+
+
 @pytest.mark.parametrize("sample", [False, True])
 def test_generation_targets_equal_a_scoring_pass_of_the_real_teacher(smol_teacher_dir, tmp_path, sample):
     """The distribution recorded during generation is the teacher's distribution on prompt + response,
@@ -35,7 +61,7 @@ def test_generation_targets_equal_a_scoring_pass_of_the_real_teacher(smol_teache
                         distill_tail_samples=32, distill_max_teacher_length=10, teacher_batch_size=3, teacher_do_sample=sample,
                         teacher_sampling_temperature=1.5)
     torch.manual_seed(0)
-    teacher = Teacher(params, torch.device("cpu"))
+    teacher = engine_for(params)
     # Settings a teacher may ship in its generation_config: they must not reach what is recorded.
     teacher.model.generation_config.repetition_penalty = 1.5
     teacher.model.generation_config.top_k = 3
@@ -85,13 +111,13 @@ def capture_loss_inputs(monkeypatch) -> list:
 def capture_teacher_scoring(monkeypatch) -> list[tuple[list[int], list[int]]]:
     """What the teacher really scores: (its prompt ids, the response ids) of every row it reads."""
     scored: list[tuple[list[int], list[int]]] = []
-    real_hidden = Teacher.hidden
+    real_hidden = Engine.hidden
 
     def hidden(self, pairs):
         scored.extend((list(a), list(b)) for a, b in pairs)
         return real_hidden(self, pairs)
 
-    monkeypatch.setattr(Teacher, "hidden", hidden)
+    monkeypatch.setattr(Engine, "hidden", hidden)
     return scored
 
 
@@ -128,7 +154,7 @@ def test_what_the_teacher_scored_is_what_the_student_trained_on(tiny_teacher, ti
     params = params_for(tiny_student, tiny_teacher, data, tmp_path / "x", chat_template="none",
                         teacher_prompt_template=template_t, distill_top_k=8, distill_tail_samples=6,
                         mixed_precision="no")
-    teacher = Teacher(params, torch.device("cpu"))
+    teacher = engine_for(params)
     trained = set()
     for input_ids, mask, n_prompt, targets in batches:
         sel = target_positions(mask, n_prompt)
@@ -158,7 +184,7 @@ def test_what_the_teacher_scored_is_what_the_student_trained_on(tiny_teacher, ti
 def test_teacher_runs_once_whatever_the_epochs_and_is_reused(tiny_student, tiny_teacher, prompts_file, tmp_path, monkeypatch,
                                                             capfd):
     calls = {"generate": 0, "score": 0, "load": 0}
-    real_generate, real_score = Teacher.generate, Teacher.score
+    real_generate, real_score = Engine.generate, Engine.score
 
     def counting(name, real):
         def wrapper(self, *a, **k):
@@ -166,19 +192,18 @@ def test_teacher_runs_once_whatever_the_epochs_and_is_reused(tiny_student, tiny_
             return real(self, *a, **k)
         return wrapper
 
-    monkeypatch.setattr(Teacher, "generate", counting("generate", real_generate))
-    monkeypatch.setattr(Teacher, "score", counting("score", real_score))
-    import aitraining.models as models_mod
+    monkeypatch.setattr(Engine, "generate", counting("generate", real_generate))
+    monkeypatch.setattr(Engine, "score", counting("score", real_score))
+    import aitraining.models.load as load_mod
 
-    real_load = models_mod.load_causal_lm
+    real_load = load_mod.load_causal_lm
 
     def load(name, **kw):
         if kw.get("flag") == "--teacher-model":
             calls["load"] += 1
         return real_load(name, **kw)
 
-    monkeypatch.setattr(models_mod, "load_causal_lm", load)
-    real_tok = models_mod.load_tokenizer
+    real_tok = load_mod.load_tokenizer
     calls["tokenizer"] = 0
 
     def load_tok(name, **kw):
@@ -186,7 +211,13 @@ def test_teacher_runs_once_whatever_the_epochs_and_is_reused(tiny_student, tiny_
             calls["tokenizer"] += 1
         return real_tok(name, **kw)
 
-    monkeypatch.setattr(models_mod, "load_tokenizer", load_tok)
+    # Patched wherever they are looked up: every module of the package that imported them (all imported first).
+    for name in ("cli", "train", "teacher.engine", "judge", "evaluate", "compare", "onpolicy", "models.transplant"):
+        importlib.import_module(f"aitraining.{name}")
+    for module in [m for name, m in list(sys.modules.items()) if name.startswith("aitraining") and m is not None]:
+        for attr, fake, real in (("load_causal_lm", load, real_load), ("load_tokenizer", load_tok, real_tok)):
+            if getattr(module, attr, None) is real:
+                monkeypatch.setattr(module, attr, fake)
     args = ["llm", "--train", "--model", tiny_student, "--teacher-model", tiny_teacher, "--data-path", prompts_file,
             "--use-distillation", "--distill-max-teacher-length", "6", "--teacher-batch-size", "4", "--batch-size", "4",
             "--token", "hf_DISTILL_SECRET_42"]
@@ -208,11 +239,9 @@ def test_teacher_runs_once_whatever_the_epochs_and_is_reused(tiny_student, tiny_
 def test_interrupted_generation_keeps_what_was_written(tiny_student, tiny_teacher, prompts_file, tmp_path, monkeypatch):
     params = params_for(tiny_student, tiny_teacher, prompts_file, tmp_path / "p", teacher_batch_size=3)
     (tmp_path / "p").mkdir()
-    from aitraining.data import load_examples
-
-    examples, _ = load_examples(params)
+    examples = training_examples(params)
     tok = AutoTokenizer.from_pretrained(tiny_student)
-    real_generate = Teacher.generate
+    real_generate = Engine.generate
     state = {"n": 0}
 
     def flaky(self, prompts, **kw):
@@ -221,9 +250,9 @@ def test_interrupted_generation_keeps_what_was_written(tiny_student, tiny_teache
             raise KeyboardInterrupt
         return real_generate(self, prompts, **kw)
 
-    monkeypatch.setattr(Teacher, "generate", flaky)
+    monkeypatch.setattr(Engine, "generate", flaky)
     with pytest.raises(KeyboardInterrupt):
-        prepare_teacher(params, examples, tok, str(tmp_path / "p"), torch.device("cpu"), show_progress=False)
+        prepare_source(params, examples, tok, str(tmp_path / "p"))
     written = (tmp_path / "p" / "teacher_outputs.jsonl").read_text().splitlines()
     assert len(written) == 3
     # A torn half-line and stray bytes past the index, as a kill mid-write leaves them.
@@ -234,15 +263,15 @@ def test_interrupted_generation_keeps_what_was_written(tiny_student, tiny_teache
         f.write(b"\x00\x01")
     with open(cache_dir / "index.jsonl", "a") as f:
         f.write('{"key": "torn", "sta')
-    monkeypatch.setattr(Teacher, "generate", real_generate)
+    monkeypatch.setattr(Engine, "generate", real_generate)
     counted = {"prompts": 0}
 
     def counting(self, prompts, **kw):
         counted["prompts"] += len(prompts)
         return real_generate(self, prompts, **kw)
 
-    monkeypatch.setattr(Teacher, "generate", counting)
-    items, source = prepare_teacher(params, examples, tok, str(tmp_path / "p"), torch.device("cpu"), show_progress=False)
+    monkeypatch.setattr(Engine, "generate", counting)
+    items, source = prepare_source(params, examples, tok, str(tmp_path / "p"))
     cache = source.cache
     assert counted["prompts"] == len(examples) - 3
     assert all(it is not None and it.target_key in cache for it in items)
@@ -253,9 +282,8 @@ def test_interrupted_generation_keeps_what_was_written(tiny_student, tiny_teache
     def no_scoring(self, pairs):
         raise AssertionError("the teacher scored again what the cache holds")
 
-    monkeypatch.setattr(Teacher, "score", no_scoring)
-    again_items, again = prepare_teacher(params, examples, tok, str(tmp_path / "p"), torch.device("cpu"),
-                                         show_progress=False)
+    monkeypatch.setattr(Engine, "score", no_scoring)
+    again_items, again = prepare_source(params, examples, tok, str(tmp_path / "p"))
     assert counted["prompts"] == 0 and len(again.cache.entries) == len(cache.entries)
 
 
@@ -268,13 +296,10 @@ def test_a_teacher_killed_mid_batch_resumes_in_the_same_batches(tiny_student, ti
     data = prompts_file if rows == "prompts" else pairs_file
     kw = {"teacher_batch_size": 3, "teacher_do_sample": sample}
     tok = AutoTokenizer.from_pretrained(tiny_student)
-    from aitraining.data import load_examples
-
     whole_params = params_for(tiny_student, tiny_teacher, data, tmp_path / "whole", **kw)
-    examples, _ = load_examples(whole_params)
+    examples = training_examples(whole_params)
     (tmp_path / "whole").mkdir()
-    _, whole = prepare_teacher(whole_params, examples, tok, str(tmp_path / "whole"), torch.device("cpu"),
-                               show_progress=False)
+    _, whole = prepare_source(whole_params, examples, tok, str(tmp_path / "whole"))
     params = params_for(tiny_student, tiny_teacher, data, tmp_path / "killed", **kw)
     (tmp_path / "killed").mkdir()
     real_add, calls = TargetCache.add, {"n": 0}
@@ -287,10 +312,9 @@ def test_a_teacher_killed_mid_batch_resumes_in_the_same_batches(tiny_student, ti
 
     monkeypatch.setattr(TargetCache, "add", dies_at_the_fifth_row)
     with pytest.raises(KeyboardInterrupt):
-        prepare_teacher(params, examples, tok, str(tmp_path / "killed"), torch.device("cpu"), show_progress=False)
+        prepare_source(params, examples, tok, str(tmp_path / "killed"))
     monkeypatch.setattr(TargetCache, "add", real_add)
-    _, resumed = prepare_teacher(params, examples, tok, str(tmp_path / "killed"), torch.device("cpu"),
-                                 show_progress=False)
+    _, resumed = prepare_source(params, examples, tok, str(tmp_path / "killed"))
 
     def answers(folder: str) -> dict[str, list[int]]:
         path = tmp_path / folder / "teacher_outputs.jsonl"
@@ -327,7 +351,7 @@ def test_the_student_moves_toward_the_teacher(tiny_student, tiny_teacher, tmp_pa
     this size; test_bundled_teacher_prune_then_distill checks the default path on the real teacher."""
     from transformers import AutoModelForCausalLM
 
-    from aitraining.evaluate import TeacherReference
+    from aitraining.judge import TeacherReference
 
     tiny_teacher = sharpened(tiny_teacher, tmp_path / "sharp", 4.0)
     data = tmp_path / "data"
@@ -338,8 +362,9 @@ def test_the_student_moves_toward_the_teacher(tiny_student, tiny_teacher, tmp_pa
     assert main(["llm", "--train", "--model", tiny_student, "--teacher-model", tiny_teacher, "--data-path", str(data),
                  "--project-name", str(project), "--use-distillation", "--distill-alpha", "1", "--epochs", "4",
                  "--lr", "3e-3", "--batch-size", "6", "--teacher-source", "live"]) == 0
-    reference = TeacherReference(params_for(tiny_student, tiny_teacher, str(data / "valid.jsonl"), tmp_path / "r"),
-                                 str(tmp_path / "r"))
+    ref_params = params_for(tiny_student, tiny_teacher, str(data / "valid.jsonl"), tmp_path / "r")
+    reference = TeacherReference(ref_params.settings(StudentSettings), ref_params.settings(TeacherSettings),
+                                 ref_params.settings(DataSettings), str(tmp_path / "r"))
     before = reference.compare(AutoModelForCausalLM.from_pretrained(tiny_student))
     after = reference.compare(AutoModelForCausalLM.from_pretrained(project))
     assert before["n_tokens"] == after["n_tokens"] > 10
@@ -354,8 +379,8 @@ def test_on_policy_steps_train_on_the_students_own_answers_and_resume_to_the_sam
     teacher's own prompt; the other steps train on the data's answers from the cache; metrics count the on-policy
     steps and the model card says so. A run interrupted mid-way and resumed ends with the weights of one that was
     not (the samples depend on the seed and the step only)."""
-    import aitraining.train as train_mod
-    from aitraining.losses import DenseTargets
+    import aitraining.loop as loop_mod
+    from aitraining.signal import DenseTargets
 
     seen: list[tuple[list[list[int]], list[int], bool, object]] = []
     real_forward = Objective.forward
@@ -395,7 +420,7 @@ def test_on_policy_steps_train_on_the_students_own_answers_and_resume_to_the_sam
     assert "on the student's own sampled answers" in (full / "README.md").read_text()
 
     calls = {"n": 0}
-    real_add = train_mod._Stats.add
+    real_add = loop_mod._Stats.add
 
     def add_then_interrupt(self, *a, **kw):
         real_add(self, *a, **kw)
@@ -403,10 +428,10 @@ def test_on_policy_steps_train_on_the_students_own_answers_and_resume_to_the_sam
         if calls["n"] == 3:  # in the second epoch, before an on-policy step
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod._Stats, "add", add_then_interrupt)
+    monkeypatch.setattr(loop_mod._Stats, "add", add_then_interrupt)
     stopped = tmp_path / "stopped"
     assert main([*args, "--project-name", str(stopped)]) == 130
-    monkeypatch.setattr(train_mod._Stats, "add", real_add)
+    monkeypatch.setattr(loop_mod._Stats, "add", real_add)
     assert main([*args, "--project-name", str(stopped), "--resume-from-checkpoint", "latest"]) == 0
     assert_same_weights(str(full), str(stopped), atol=1e-6)
 
@@ -513,7 +538,7 @@ def test_across_vocabularies_each_student_token_gets_the_teacher_row_of_the_same
     s_tok, t_tok = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(tiny_teacher)
     params = params_for(student, tiny_teacher, data, tmp_path / "x", distill_top_k=8, distill_tail_samples=6,
                         mixed_precision="no")
-    teacher = Teacher(params, torch.device("cpu"))
+    teacher = engine_for(params)
     vocab = vocabulary_map(s_tok, t_tok)
     teacher.projection = vocab
     (input_ids, mask, n_prompt, targets), = batches
@@ -583,7 +608,7 @@ def test_bundled_teacher_prune_then_distill(bundled_gguf, smol_teacher_dir, real
     reading and dequantizing) than it started."""
     from transformers import AutoModelForCausalLM
 
-    from aitraining.evaluate import TeacherReference
+    from aitraining.judge import TeacherReference
 
     student = tmp_path / "student"
     # Cut from the same weights as a folder (the GGUF's reading costs seconds; the teacher below is the GGUF), evenly
@@ -602,20 +627,18 @@ def test_bundled_teacher_prune_then_distill(bundled_gguf, smol_teacher_dir, real
     model = AutoModelForCausalLM.from_pretrained(project)
     assert model.config.num_hidden_layers == 8
     # Held-out prompts (the last rows of the file) with the teacher's own answers to them.
-    from aitraining.data import Example
-    from aitraining.teacher import Teacher
-
     prompts = [json.loads(x)["text"] for x in lines[-3:]]
     heldout = tmp_path / "heldout.jsonl"
     params = params_for(str(student), smol_teacher_dir, str(heldout), tmp_path / "r", mixed_precision="no",
                         distill_max_teacher_length=24)
-    teacher = Teacher(params, torch.device("cpu"))
+    teacher = engine_for(params)
     answers = teacher.generate([teacher.prompt_ids(Example(messages=[{"role": "user", "content": p}])) for p in prompts],
                                record=False)
     write_jsonl(heldout, [{"prompt": p, "response": teacher.tokenizer.decode(a, skip_special_tokens=True)}
                           for p, (a, _) in zip(prompts, answers, strict=True)])
     teacher.free()
-    reference = TeacherReference(params, str(tmp_path / "r"))
+    reference = TeacherReference(params.settings(StudentSettings), params.settings(TeacherSettings),
+                                 params.settings(DataSettings), str(tmp_path / "r"))
     before = reference.compare(AutoModelForCausalLM.from_pretrained(student))
     after = reference.compare(model)
     assert after["kl_to_teacher"] < 0.8 * before["kl_to_teacher"], (before["kl_to_teacher"], after["kl_to_teacher"])
@@ -635,7 +658,7 @@ def test_repeated_rows_cost_the_teacher_once(tiny_student, tiny_teacher, tmp_pat
     data = write_jsonl(tmp_path / "rep.jsonl", [{"text": r["text"]} for r in rows if "text" in r])
     pairs = write_jsonl(tmp_path / "rep_pairs.jsonl", [r for r in rows if "prompt" in r])
     seen = {"generated": 0, "scored": 0}
-    real_generate, real_score = Teacher.generate, Teacher.score
+    real_generate, real_score = Engine.generate, Engine.score
 
     def generate(self, prompts, **kw):
         seen["generated"] += len(prompts)
@@ -645,16 +668,14 @@ def test_repeated_rows_cost_the_teacher_once(tiny_student, tiny_teacher, tmp_pat
         seen["scored"] += len(pairs_)
         return real_score(self, pairs_)
 
-    monkeypatch.setattr(Teacher, "generate", generate)
-    monkeypatch.setattr(Teacher, "score", score)
+    monkeypatch.setattr(Engine, "generate", generate)
+    monkeypatch.setattr(Engine, "score", score)
     tok = AutoTokenizer.from_pretrained(tiny_student)
-    from aitraining.data import load_examples
-
     for path, name in ((data, "g"), (pairs, "s")):
         params = params_for(tiny_student, tiny_teacher, path, tmp_path / name, distill_max_teacher_length=4)
         (tmp_path / name).mkdir()
-        examples, _ = load_examples(params)
-        items, source = prepare_teacher(params, examples, tok, str(tmp_path / name), torch.device("cpu"), show_progress=False)
+        examples = training_examples(params)
+        items, source = prepare_source(params, examples, tok, str(tmp_path / name))
         assert all(it is not None and it.target_key in source.cache for it in items)
     assert seen == {"generated": 2, "scored": 1}
     assert len((tmp_path / "g" / "teacher_outputs.jsonl").read_text().splitlines()) == 2
@@ -664,16 +685,14 @@ def test_a_changed_teacher_k_sample_count_or_temperature_never_reuses_a_cache(ti
                                                                              pairs_file, tmp_path, monkeypatch):
     """Each setting the cached targets depend on names its own cache: a change scores again (into a new
     folder), the same settings reuse what is there, and the targets served carry the new settings."""
-    from aitraining.data import load_examples
-
     scored = {"rows": 0}
-    real_score = Teacher.score
+    real_score = Engine.score
 
     def score(self, pairs):
         scored["rows"] += len(pairs)
         return real_score(self, pairs)
 
-    monkeypatch.setattr(Teacher, "score", score)
+    monkeypatch.setattr(Engine, "score", score)
     tok = AutoTokenizer.from_pretrained(tiny_student)
     project = tmp_path / "p"
     project.mkdir()
@@ -682,9 +701,9 @@ def test_a_changed_teacher_k_sample_count_or_temperature_never_reuses_a_cache(ti
     def prepare(**kw):
         params = params_for(tiny_student, kw.pop("teacher", own_teacher), pairs_file, project, mixed_precision="no",
                             distill_max_teacher_length=6, **kw)
-        examples, _ = load_examples(params)
+        examples = training_examples(params)
         before = scored["rows"]
-        items, source = prepare_teacher(params, examples, tok, str(project), torch.device("cpu"), show_progress=False)
+        items, source = prepare_source(params, examples, tok, str(project))
         targets = source.cache.get(items[0].target_key)
         return source.cache.folder, scored["rows"] - before, targets
 
@@ -710,7 +729,7 @@ def test_a_prompt_that_fills_the_block_costs_the_teacher_nothing(tiny_student, t
     nor scores it; the other rows are answered, scored and trained as before."""
     long_prompt = " ".join(["word"] * 80)
     seen: dict[str, list[int]] = {"generated": [], "scored": []}
-    real_generate, real_score = Teacher.generate, Teacher.score
+    real_generate, real_score = Engine.generate, Engine.score
 
     def generate(self, prompts, **kw):
         seen["generated"] += [len(p) for p in prompts]
@@ -720,8 +739,8 @@ def test_a_prompt_that_fills_the_block_costs_the_teacher_nothing(tiny_student, t
         seen["scored"] += [len(p) for p, _ in pairs_]
         return real_score(self, pairs_)
 
-    monkeypatch.setattr(Teacher, "generate", generate)
-    monkeypatch.setattr(Teacher, "score", score)
+    monkeypatch.setattr(Engine, "generate", generate)
+    monkeypatch.setattr(Engine, "score", score)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"text": "Say one."}, {"text": long_prompt}, {"text": "Say two."}])
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": long_prompt, "response": "It."},
                                                     {"prompt": "Name it.", "response": "It."}])

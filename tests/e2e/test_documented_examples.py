@@ -86,13 +86,13 @@ def test_prompt_templates(tiny_student, tiny_teacher, in_tmp, monkeypatch):
     from transformers import AutoTokenizer
 
     from aitraining.objective import Objective
-    from aitraining.teacher import Teacher
+    from aitraining.teacher.engine import Engine
     from autotrain.project import AutoTrainProject
     from autotrain.trainers.clm.params import LLMTrainingParams
 
     prompts_seen: list[list[int]] = []
     answers: list[list[int]] = []
-    real_generate = Teacher.generate
+    real_generate = Engine.generate
 
     def generate(self, prompts, **kw):
         prompts_seen.extend(prompts)
@@ -108,7 +108,7 @@ def test_prompt_templates(tiny_student, tiny_teacher, in_tmp, monkeypatch):
             rows.append((input_ids[r, : int(attention_mask[r].sum())].tolist(), int(n_prompt[r])))
         return real_forward(self, input_ids, attention_mask, n_prompt, teacher, weight, labels_are_own)
 
-    monkeypatch.setattr(Teacher, "generate", generate)
+    monkeypatch.setattr(Engine, "generate", generate)
     monkeypatch.setattr(Objective, "forward", forward)
     params = LLMTrainingParams(
         model=tiny_student, teacher_model=tiny_teacher, data_path="./prompts.jsonl", project_name="templated",

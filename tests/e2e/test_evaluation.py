@@ -123,17 +123,17 @@ def test_compare_baseline_interrupted_in_the_baseline_resumes_the_baseline(tiny_
                                                                            monkeypatch):
     """Ctrl-C while the baseline trains, then the same command with --resume-from-checkpoint latest: the baseline
     continues from its own checkpoint (not from scratch) and ends with the uninterrupted baseline's weights."""
-    import aitraining.train as train_mod
+    import aitraining.loop as loop_mod
 
     data = write_jsonl(tmp_path / "d.jsonl", rows(24))
     steps = {"n": 0}
-    real_add = train_mod._Stats.add
+    real_add = loop_mod._Stats.add
 
     def counted(self, *a, **kw):
         real_add(self, *a, **kw)
         steps["n"] += 1
 
-    monkeypatch.setattr(train_mod._Stats, "add", counted)
+    monkeypatch.setattr(loop_mod._Stats, "add", counted)
     full = tmp_path / "full"
     assert distill(tiny_student, tiny_teacher, data, full, "--compare-baseline", "--epochs", "2") == 0
     per_run = steps["n"] // 2  # the distilled run's steps, then the baseline's as many
@@ -144,12 +144,12 @@ def test_compare_baseline_interrupted_in_the_baseline_resumes_the_baseline(tiny_
             raise KeyboardInterrupt
 
     steps["n"] = 0
-    monkeypatch.setattr(train_mod._Stats, "add", interrupted)
+    monkeypatch.setattr(loop_mod._Stats, "add", interrupted)
     project = tmp_path / "cmp"
     assert distill(tiny_student, tiny_teacher, data, project, "--compare-baseline", "--epochs", "2") == 130
     assert any((project / "baseline").glob("checkpoint-*")) and not (project / "comparison.json").exists()
     steps["n"] = 0
-    monkeypatch.setattr(train_mod._Stats, "add", counted)
+    monkeypatch.setattr(loop_mod._Stats, "add", counted)
     assert distill(tiny_student, tiny_teacher, data, project, "--compare-baseline", "--epochs", "2",
                    "--resume-from-checkpoint", "latest") == 0
     assert steps["n"] == per_run - per_run // 2  # the distilled run had finished; the baseline did what was left
@@ -252,7 +252,7 @@ def test_a_loss_that_is_not_finite_stops_the_run_and_keeps_the_last_checkpoint(t
 def test_with_a_live_teacher_training_evaluation_and_the_judge_are_one_metric(tiny_student, tiny_teacher, tmp_path):
     """The same exact KL, measured by training's held-out evaluation and by `aitraining eval`, on the same row
     (the teacher answers it again, greedily, to the same length: the same tokens)."""
-    from aitraining.data import held_out_rows
+    from aitraining.data.examples import held_out_rows
 
     data = write_jsonl(tmp_path / "d.jsonl", rows(20))
     project = tmp_path / "live"

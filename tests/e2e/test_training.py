@@ -105,9 +105,9 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tiny_student,
 @pytest.mark.parametrize("distill", [False, True])
 def test_a_batch_cut_into_passes_of_similar_length_gives_the_same_step(tiny_student, tiny_teacher, tmp_path, monkeypatch,
                                                                         distill):
-    """A micro-batch run as several forward passes of rows of similar length (train.length_groups) takes the
+    """A micro-batch run as several forward passes of rows of similar length (batches.length_groups) takes the
     step of the whole batch; here one long row would otherwise pad seven short ones."""
-    import aitraining.train as train_mod
+    import aitraining.batches as batches_mod
     from aitraining.objective import Objective
 
     rows = [{"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(7)]
@@ -124,7 +124,7 @@ def test_a_batch_cut_into_passes_of_similar_length_gives_the_same_step(tiny_stud
     monkeypatch.setattr(Objective, "forward", forward)
     steps = {}
     for name, per_forward in (("whole", None), ("cut", 64)):
-        monkeypatch.setattr(train_mod, "CPU_FORWARD_TOKENS", per_forward)
+        monkeypatch.setattr(batches_mod, "CPU_FORWARD_TOKENS", per_forward)
         widths.append([])
         steps[name] = _one_step(tiny_student, data, tmp_path / name, "--batch-size", "8", "--holdout-share", "0", *extra)
     assert widths == [[8], [7, 1]]
@@ -167,10 +167,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_student, pairs_file, t
     full = tmp_path / "full"
     assert cli(*common(tiny_student, pairs_file, full, *base)) == 0
 
-    import aitraining.train as train_mod
+    import aitraining.loop as loop_mod
 
     calls = {"n": 0}
-    real_add = train_mod._Stats.add
+    real_add = loop_mod._Stats.add
 
     def add_then_interrupt(self, *a, **kw):
         real_add(self, *a, **kw)
@@ -178,11 +178,11 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_student, pairs_file, t
         if calls["n"] == 7:  # in the middle of the second epoch
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod._Stats, "add", add_then_interrupt)
+    monkeypatch.setattr(loop_mod._Stats, "add", add_then_interrupt)
     stopped = tmp_path / "stopped"
     assert cli(*common(tiny_student, pairs_file, stopped, *base)) == 130
     assert (stopped / "checkpoint-6").is_dir()
-    monkeypatch.setattr(train_mod._Stats, "add", real_add)
+    monkeypatch.setattr(loop_mod._Stats, "add", real_add)
     assert cli(*common(tiny_student, pairs_file, stopped, *base, "--resume-from-checkpoint", "latest")) == 0
     assert_same_weights(full, stopped, atol=1e-6)
 
@@ -300,11 +300,11 @@ def test_shared_real_data_sft(tiny_student, real_data, tmp_path):
 def test_a_restart_without_resume_never_loses_its_new_checkpoint(tiny_student, pairs_file, tmp_path, monkeypatch):
     """An interrupted run at a later step, then the same command again without --resume: the new run's
     checkpoints are kept (newest by time, not by step) and `latest` means the new run."""
-    import aitraining.train as train_mod
+    import aitraining.loop as loop_mod
 
     base = ("--epochs", "2", "--batch-size", "2", "--lr", "1e-3", "--logging-steps", "1")
     project = tmp_path / "restart"
-    real_add = train_mod._Stats.add
+    real_add = loop_mod._Stats.add
     calls = {"n": 0}
 
     def add_then_interrupt(self, *a, **kw):
@@ -313,10 +313,10 @@ def test_a_restart_without_resume_never_loses_its_new_checkpoint(tiny_student, p
         if calls["n"] == 6:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod._Stats, "add", add_then_interrupt)
+    monkeypatch.setattr(loop_mod._Stats, "add", add_then_interrupt)
     assert cli(*common(tiny_student, pairs_file, project, *base)) == 130
     assert (project / "checkpoint-5").is_dir()
-    monkeypatch.setattr(train_mod._Stats, "add", real_add)
+    monkeypatch.setattr(loop_mod._Stats, "add", real_add)
     calls["n"] = 0
     from aitraining.runfolder import RunFolder
 

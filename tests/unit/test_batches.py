@@ -1,4 +1,4 @@
-"""How a micro-batch is cut into forward passes (train.length_groups): the cheapest split, never a lost row."""
+"""How a micro-batch is cut into forward passes (batches.length_groups): the cheapest split, never a lost row."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from aitraining.train import length_groups
+from aitraining.batches import length_groups
 
 
 def _cost(lengths: list[int], groups: list[list[int]], per_forward: int) -> int:

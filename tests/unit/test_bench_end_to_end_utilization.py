@@ -103,7 +103,7 @@ def test_copying_by_hand() -> None:
     """`copying` on an answer [a, b, a] read by a model whose scores are set by hand."""
     import torch
 
-    from aitraining.train import Item
+    from aitraining.batches import Item
 
     sys.path.insert(0, str(BENCH))
     from quality import copying

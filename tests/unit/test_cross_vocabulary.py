@@ -9,16 +9,10 @@ import torch
 from test_losses import BETA, naive_rows
 from torch import Tensor
 
-from aitraining.evaluate import kl_and_top1
-from aitraining.losses import (
-    DIVERGENCES,
-    CrossTargets,
-    VocabularyMap,
-    chunked_token_loss_sums,
-    teacher_divergence,
-    teacher_targets_from_logits,
-    token_losses,
-)
+from aitraining.chunked import chunked_token_loss_sums
+from aitraining.losses import DIVERGENCES, teacher_divergence, token_losses
+from aitraining.metrics import kl_and_top1
+from aitraining.signal import CrossTargets, VocabularyMap, teacher_targets_from_logits
 
 VT, VS, N = 30, 24, 4
 
@@ -219,7 +213,7 @@ def test_chunked_sums_take_cross_targets() -> None:
     labels = torch.randint(0, VS, (7,), generator=g)
     t = logits(19, VT, n=7)
     targets = cross(t, vocab, 4, 8, 3.0, aligned=torch.tensor([True, True, False, True, False, True, True]))
-    from aitraining.losses import LinearHead
+    from aitraining.chunked import LinearHead
 
     loss, kd, ce = chunked_token_loss_sums(hidden, LinearHead(weight), labels, targets, chunk_size=3,
                                            temperature=3.0, alpha=0.7)
@@ -266,10 +260,21 @@ def test_a_projected_cache_is_named_by_the_student_vocabulary() -> None:
     student tokenizer (here one teacher token read as another piece, or a larger vocabulary) never reads them;
     the same map (rebuilt) does. A k above the vocabulary keeps all of it, under one name."""
     from aitraining.params import LLMTrainingParams, digest
-    from aitraining.teacher import cache_meta
+    from aitraining.teacher import TeacherSettings
+    from aitraining.teacher.cache import cache_meta as meta_of
+    from aitraining.teacher.cache import model_identity
+    from aitraining.teacher.settings import teacher_dtype
 
     params = LLMTrainingParams(model="s", teacher_model="t", data_path="d", project_name="p", use_distillation=True)
     cpu = torch.device("cpu")
+
+    def cache_meta(p: LLMTrainingParams, device: torch.device, vocab: int, projection: VocabularyMap | None = None):
+        """The cache's meta for a run's parameters and a teacher on `device` (its identity as `Engine.identity`)."""
+        settings = p.settings(TeacherSettings)
+        identity = {"teacher": model_identity(settings.teacher_model),
+                    "dtype": str(teacher_dtype(device, settings.mixed_precision))}
+        return meta_of(identity, settings, vocab, projection)
+
     vocab = random_map(50, pieces=True)
     name = digest(cache_meta(params, cpu, VT, vocab))
     assert digest(cache_meta(params, cpu, VT, random_map(50, pieces=True))) == name
@@ -289,7 +294,7 @@ def test_a_broken_teacher_row_stays_broken_through_the_projection(bad: float) ->
     """A teacher row that is no distribution (NaN, +inf, or nothing but -inf) is still refused after the
     projection (the run stops before caching it), and only that row; even where the broken logit is a token with
     no piece, whose mass the projection drops."""
-    from aitraining.losses import NonFiniteTeacher
+    from aitraining.signal import NonFiniteTeacher
 
     vocab = random_map(60, pieces=True)
     t = logits(61, VT)

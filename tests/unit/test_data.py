@@ -1,4 +1,5 @@
-"""Tests for aitraining.data: file formats and folder layouts, row formats, templates and tokenization.
+"""Tests for aitraining.data (and the student's sequences, aitraining.batches): file formats and folder layouts,
+row formats, templates and tokenization.
 
 Tokenization tests use the real SmolLM2-135M-Instruct tokenizer (chat template, eos `<|im_end|>`).
 """
@@ -12,19 +13,16 @@ from typing import Any
 
 import pytest
 
-from aitraining.data import (
+from aitraining.batches import Item, build_sequence, sft_items
+from aitraining.data.examples import DataSettings, Example, read_examples, rows_to_examples
+from aitraining.data.files import read_rows
+from aitraining.data.templates import (
     BUILTIN_CHAT_TEMPLATES,
-    Example,
     apply_template,
-    build_sequence,
     encode,
     encode_response,
-    load_examples,
-    read_rows,
     render_prompt,
     resolve_chat_template,
-    rows_to_examples,
-    tokenize_for_sft,
 )
 from aitraining.errors import UserError
 from aitraining.params import LLMTrainingParams
@@ -38,6 +36,24 @@ PAIRS = [
 
 def params(data_path: str | Path = "data.jsonl", **kw: Any) -> LLMTrainingParams:
     return LLMTrainingParams(model="student", data_path=str(data_path), **kw)
+
+
+def data(data_path: str | Path = "data.jsonl", **kw: Any) -> DataSettings:
+    """The data settings of a run with these parameters."""
+    return params(data_path, **kw).settings(DataSettings)
+
+
+def load_examples(p: LLMTrainingParams) -> tuple[list[Example], list[Example]]:
+    """(training, held-out) examples of a run with these parameters."""
+    loaded = read_examples(p.settings(DataSettings))
+    return loaded.train, loaded.valid
+
+
+def tokenize(examples: list[Example], tok: Any, p: LLMTrainingParams, chat_template: str | None) -> list[Item | None]:
+    """The student's sequence of each example for plain fine-tuning, as a run with these parameters makes it (None
+    where the example is dropped)."""
+    return sft_items(examples, tok, template=p.student_prompt_template, chat_template=chat_template,
+                     block_size=p.block_size, add_eos=p.add_eos_token)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -403,20 +419,20 @@ def test_empty_json_file_is_an_error(tmp_path: Path) -> None:
 
 
 def test_text_rows_for_fine_tuning_are_plain_text() -> None:
-    [ex] = rows_to_examples([{"text": "What is ML?"}], params(), "d.jsonl")
+    [ex] = rows_to_examples([{"text": "What is ML?"}], data(), "d.jsonl")
     assert ex.is_text and ex.text == "What is ML?" and ex.messages is None and ex.response is None
 
 
 def test_text_rows_are_prompts_with_distillation() -> None:
     rows = [{"text": "What is machine learning?"}, {"text": "Explain how neural networks work."}]
-    examples = rows_to_examples(rows, params(use_distillation=True, teacher_model="t"), "d.jsonl")
+    examples = rows_to_examples(rows, data(use_distillation=True, teacher_model="t"), "d.jsonl")
     assert [ex.messages for ex in examples] == [[{"role": "user", "content": r["text"]}] for r in rows]
     assert all(ex.response is None and not ex.is_text for ex in examples)
 
 
 def test_pair_rows_with_distillation_keep_given_responses() -> None:
     [ex] = rows_to_examples(
-        [{"prompt": "What is AI?", "response": "..."}], params(use_distillation=True, teacher_model="t"), "d"
+        [{"prompt": "What is AI?", "response": "..."}], data(use_distillation=True, teacher_model="t"), "d"
     )
     assert ex.messages == [{"role": "user", "content": "What is AI?"}] and ex.response == "..."
 
@@ -431,7 +447,7 @@ def test_messages_last_assistant_turn_is_the_response() -> None:
             {"role": "assistant", "content": "4"},
         ]
     }
-    [ex] = rows_to_examples([row], params(), "d.jsonl")
+    [ex] = rows_to_examples([row], data(), "d.jsonl")
     assert ex.response == "4"
     assert ex.messages == row["messages"][:4]
     assert ex.messages[0] == {"role": "system", "content": "Be brief."}
@@ -443,8 +459,8 @@ def test_messages_last_assistant_turn_is_the_response() -> None:
 def test_messages_without_assistant_turn() -> None:
     row = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]}
     with pytest.raises(UserError, match=r"row 1 has no assistant turn"):
-        rows_to_examples([row], params(), "d.jsonl")
-    [ex] = rows_to_examples([row], params(use_distillation=True, teacher_model="t"), "d.jsonl")
+        rows_to_examples([row], data(), "d.jsonl")
+    [ex] = rows_to_examples([row], data(use_distillation=True, teacher_model="t"), "d.jsonl")
     assert ex.response is None and ex.messages == row["messages"]
 
 
@@ -462,13 +478,13 @@ def test_messages_without_assistant_turn() -> None:
 )
 def test_malformed_messages(messages: Any) -> None:
     with pytest.raises(UserError, match=r"^--data-path: d\.jsonl row 1"):
-        rows_to_examples([{"messages": messages}], params(), "d.jsonl")
+        rows_to_examples([{"messages": messages}], data(), "d.jsonl")
 
 
 def test_rows_must_follow_the_first_rows_format() -> None:
     rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, {"text": "t"}]
     with pytest.raises(UserError, match=r"row 2 'messages'"):
-        rows_to_examples(rows, params(), "d.jsonl")
+        rows_to_examples(rows, data(), "d.jsonl")
 
 
 # ------------------------------------------------------------------------------------------ templates
@@ -557,8 +573,8 @@ def test_tokenizer_fixture_is_smollm(tok: Any) -> None:
 def test_prompt_response_trains_on_response_only(tok: Any) -> None:
     p = params()
     ex = _pair("What is AI?", "Artificial intelligence.")
-    [seq], dropped = tokenize_for_sft([ex], tok, p, tok.chat_template)
-    assert dropped == 0
+    [seq] = tokenize([ex], tok, p, tok.chat_template)  # one item per example, at its index (0)
+    assert seq is not None  # not dropped
     prompt_text, special = render_prompt(tok, ex.messages, p.student_prompt_template, tok.chat_template)  # type: ignore[arg-type]
     prompt_ids = encode(tok, prompt_text, add_special_tokens=special)
     assert seq.n_prompt == len(prompt_ids)
@@ -566,38 +582,37 @@ def test_prompt_response_trains_on_response_only(tok: Any) -> None:
     assert tok.decode(seq.input_ids[seq.n_prompt :]) == "Artificial intelligence.<|im_end|>"
     assert seq.input_ids[-1] == tok.eos_token_id
     assert seq.n_response == len(seq.input_ids) - seq.n_prompt
-    assert seq.example_index == 0
 
 
 def test_no_add_eos_token_removes_eos(tok: Any) -> None:
     p = params(add_eos_token=False)
-    [seq], _ = tokenize_for_sft([_pair("Q", "Paris")], tok, p, tok.chat_template)
+    [seq] = tokenize([_pair("Q", "Paris")], tok, p, tok.chat_template)
     assert tok.decode(seq.input_ids[seq.n_prompt :]) == "Paris"
     assert tok.eos_token_id not in seq.input_ids[seq.n_prompt :]
 
 
 def test_text_rows_train_on_everything(tok: Any) -> None:
-    [seq], _ = tokenize_for_sft([Example(text="hello world")], tok, params(), tok.chat_template)
+    [seq] = tokenize([Example(text="hello world")], tok, params(), tok.chat_template)
     assert seq.n_prompt == 0
     assert seq.input_ids == encode(tok, "hello world", add_special_tokens=True) + [tok.eos_token_id]
     assert tok.decode(seq.input_ids) == "hello world<|im_end|>"
-    [seq], _ = tokenize_for_sft([Example(text="hello world")], tok, params(add_eos_token=False), None)
+    [seq] = tokenize([Example(text="hello world")], tok, params(add_eos_token=False), None)
     assert tok.decode(seq.input_ids) == "hello world"
 
 
 def test_text_row_truncated_to_block_size(tok: Any) -> None:
     text = " ".join(["word"] * 50)
-    [seq], _ = tokenize_for_sft([Example(text=text)], tok, params(block_size=8), None)
+    [seq] = tokenize([Example(text=text)], tok, params(block_size=8), None)
     assert seq.input_ids == encode(tok, text, add_special_tokens=True)[:8]
 
 
 def test_block_size_cuts_the_end_of_the_response(tok: Any) -> None:
     response = "one two three four five six seven eight nine ten"
     ex = _pair("Count.", response)
-    [full], _ = tokenize_for_sft([ex], tok, params(), tok.chat_template)
+    [full] = tokenize([ex], tok, params(), tok.chat_template)
     block = full.n_prompt + 3
-    [cut], dropped = tokenize_for_sft([ex], tok, params(block_size=block), tok.chat_template)
-    assert dropped == 0
+    [cut] = tokenize([ex], tok, params(block_size=block), tok.chat_template)
+    assert cut is not None  # not dropped
     assert len(cut.input_ids) == block
     assert cut.n_prompt == full.n_prompt
     assert cut.input_ids == full.input_ids[:block]
@@ -608,21 +623,21 @@ def test_block_size_cuts_the_end_of_the_response(tok: Any) -> None:
 def test_rows_whose_prompt_leaves_no_room_are_dropped(tok: Any) -> None:
     long_prompt = " ".join(["word"] * 40)
     examples = [_pair("Hi", "Hello"), _pair(long_prompt, "x"), _pair("Yo", "Hey")]
-    seqs, dropped = tokenize_for_sft(examples, tok, params(block_size=16), None)
-    assert dropped == 1
-    assert [s.example_index for s in seqs] == [0, 2]
-    assert all(len(s.input_ids) <= 16 for s in seqs)
+    items = tokenize(examples, tok, params(block_size=16), None)
+    assert items.count(None) == 1  # dropped
+    assert [i for i, s in enumerate(items) if s is not None] == [0, 2]  # the examples kept
+    assert all(len(s.input_ids) <= 16 for s in items if s is not None)
     # with the chat template, even the short prompts (system turn included) exceed 16 tokens
-    seqs, dropped = tokenize_for_sft(examples, tok, params(block_size=16), tok.chat_template)
-    assert (seqs, dropped) == ([], 3)
+    items = tokenize(examples, tok, params(block_size=16), tok.chat_template)
+    assert items == [None, None, None]  # no sequence, 3 dropped
 
 
 def test_prompt_filling_block_exactly_is_dropped(tok: Any) -> None:
     prompt_ids = [5] * 8
-    assert build_sequence(prompt_ids, [1, 2], block_size=8, example_index=0) is None
-    seq = build_sequence(prompt_ids, [1, 2], block_size=9, example_index=4)
-    assert seq is not None and seq.input_ids == [5] * 8 + [1] and seq.n_prompt == 8 and seq.example_index == 4
-    assert build_sequence(prompt_ids, [], block_size=100, example_index=0) is None
+    assert build_sequence(prompt_ids, [1, 2], block_size=8) is None
+    seq = build_sequence(prompt_ids, [1, 2], block_size=9)
+    assert seq is not None and seq.input_ids == [5] * 8 + [1] and seq.n_prompt == 8
+    assert build_sequence(prompt_ids, [], block_size=100) is None
 
 
 @pytest.mark.parametrize("chat", [True, False], ids=["chat-template", "raw"])
@@ -642,7 +657,7 @@ def test_response_ids_do_not_depend_on_the_prompt(tok: Any, chat: bool, template
     chat_template = tok.chat_template if chat else None
     p = params(student_prompt_template=template)
     ex = _pair("What is the capital of France?", response)
-    [seq], _ = tokenize_for_sft([ex], tok, p, chat_template)
+    [seq] = tokenize([ex], tok, p, chat_template)
     expected = encode_response(tok, response, add_eos=True)
     assert seq.input_ids[seq.n_prompt :] == expected
     prompt_text, special = render_prompt(tok, ex.messages, template, chat_template)  # type: ignore[arg-type]
@@ -656,7 +671,7 @@ def test_mid_word_template_differs_from_joint_tokenization(tok: Any) -> None:
     joint = encode(tok, prompt_text + "wer: 42", add_special_tokens=special)
     split = encode(tok, prompt_text, add_special_tokens=special) + encode_response(tok, "wer: 42", add_eos=False)
     assert joint != split
-    [seq], _ = tokenize_for_sft(
+    [seq] = tokenize(
         [_pair("hi", "wer: 42")], tok, params(student_prompt_template="Q: {input}\nAns", add_eos_token=False), None
     )
     assert seq.input_ids == split
@@ -677,7 +692,7 @@ def test_messages_rows_tokenize_with_history(tok: Any, tmp_path: Path) -> None:
     )
     p = params(path)
     train, _ = load_examples(p)
-    [seq], _ = tokenize_for_sft(train, tok, p, tok.chat_template)
+    [seq] = tokenize(train, tok, p, tok.chat_template)
     prompt = tok.decode(seq.input_ids[: seq.n_prompt])
     assert (
         prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"

@@ -18,7 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aitraining.data import read_examples, render_prompt, resolve_chat_template, tokenize_for_sft
+from aitraining.batches import sft_items
+from aitraining.data.examples import DataSettings, read_examples
+from aitraining.data.templates import render_prompt, resolve_chat_template
 from aitraining.errors import UserError
 from aitraining.params import LLMTrainingParams
 
@@ -61,7 +63,7 @@ def load(path: Path, tokenizer: Any, **kw: Any) -> Any:
     examples, or the UserError's message after checking that it names the file and is one line."""
     p = params(path, **kw)
     try:
-        loaded = read_examples(p)
+        loaded = read_examples(p.settings(DataSettings))
     except UserError as e:
         msg = str(e)
         assert "\n" not in msg and msg.startswith("--data-path: ") and path.name in msg, msg
@@ -71,7 +73,8 @@ def load(path: Path, tokenizer: Any, **kw: Any) -> Any:
         for ex in loaded.train + loaded.valid:
             render_prompt(tokenizer, ex.messages or [], p.effective_teacher_template, template)
     else:
-        tokenize_for_sft(loaded.train + loaded.valid, tokenizer, p, template)
+        sft_items(loaded.train + loaded.valid, tokenizer, template=p.student_prompt_template, chat_template=template,
+                  block_size=p.block_size, add_eos=p.add_eos_token)
     return loaded
 
 

@@ -1,4 +1,4 @@
-"""The text-level judge (aitraining.evaluate.TextReference), which compares models whatever their tokenizers."""
+"""The text-level judge (aitraining.judge.TextReference), which compares models whatever their tokenizers."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from collections.abc import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from aitraining import models
-from aitraining.data import encode, render_prompt
-from aitraining.evaluate import TextReference
+from aitraining.batches import StudentSettings
+from aitraining.data.templates import encode, render_prompt
+from aitraining.judge import TextReference
+from aitraining.models.generate import generate_answers
 from aitraining.params import LLMTrainingParams
+from aitraining.teacher import TeacherSettings
 
 PROMPTS = ["Name a colour.", "What is two plus two?", "Say hello."]
 
@@ -37,11 +39,12 @@ def test_the_teacher_is_at_zero_and_a_student_at_its_naive_log_likelihood(tiny_m
     answers = []
     for p in PROMPTS:
         text, special = render_prompt(tok, [{"role": "user", "content": p}], "{input}", tok.chat_template)
-        out = models.generate_answers(t_model, [encode(tok, text, add_special_tokens=special)], max_new_tokens=6,
-                                      stop={tok.eos_token_id}, pad=tok.pad_token_id)[0]
+        out = generate_answers(t_model, [encode(tok, text, add_special_tokens=special)], max_new_tokens=6,
+                               stop={tok.eos_token_id}, pad=tok.pad_token_id)[0]
         answers.append(tok.decode(out, skip_special_tokens=True))
     params = LLMTrainingParams(model=student, teacher_model=teacher, data_path="-", use_distillation=True)
-    ref = TextReference(teacher, list(zip(PROMPTS, answers, strict=True)), params)
+    ref = TextReference(params.settings(TeacherSettings), params.settings(StudentSettings),
+                        list(zip(PROMPTS, answers, strict=True)))
     n_bytes = sum(len(a.encode()) for a in answers)
     assert ref.bytes == n_bytes > 0
     torch.testing.assert_close(ref.teacher_nll, _naive_nll(teacher, PROMPTS, answers), atol=1e-3, rtol=1e-4)

@@ -9,20 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aitraining.chunked import LinearHead, chunked_token_loss_sums
 from aitraining.losses import (
     DIVERGENCES,
     TEACHER_LOG_FLOOR,
-    DenseTargets,
-    LinearHead,
-    TeacherTargets,
     bucket_log_probs,
-    chunked_token_loss_sums,
     divergence,
-    systematic_sample,
     teacher_divergence,
-    teacher_targets_from_logits,
     token_losses,
 )
+from aitraining.signal import DenseTargets, TeacherTargets, systematic_sample, teacher_targets_from_logits
 
 INF = float("inf")
 BETA = 0.3  # deliberately not 0.5 so that the asymmetric roles of beta are exercised

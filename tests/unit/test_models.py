@@ -14,18 +14,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from aitraining.errors import UserError
-from aitraining.models import (
+from aitraining.models.gguf import materialize
+from aitraining.models.layers import kept_layer_indices
+from aitraining.models.load import (
     ModelSource,
-    apply_lora,
     count_parameters,
-    depth_prune,
-    kept_layer_indices,
     load_causal_lm,
     load_tokenizer,
-    materialize,
-    prune_to_folder,
     resolve_model_source,
 )
+from aitraining.models.lora import apply_lora
+from aitraining.models.prune import depth_prune, prune_to_folder
 
 
 def _logits(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
@@ -262,7 +261,7 @@ def test_a_gguf_is_read_once_per_block(tmp_path: Path, monkeypatch: pytest.Monke
     share the reading, and nothing is kept after the outermost one (Note [Reading a GGUF once])."""
     import gguf
 
-    from aitraining import models as models_module
+    from aitraining.models import gguf as gguf_module
 
     gguf_path = str(_write_tiny_gguf(tmp_path / "tiny.gguf"))
     real, reads = gguf.GGUFReader, []
@@ -271,24 +270,25 @@ def test_a_gguf_is_read_once_per_block(tmp_path: Path, monkeypatch: pytest.Monke
     assert len(reads) == 2  # what the block saves: transformers' own load reads the file twice
     reads.clear()
     load_causal_lm(gguf_path)
-    assert len(reads) == 1 and not models_module._GGUF_READERS
+    assert len(reads) == 1 and not gguf_module._GGUF_READERS
     reads.clear()
-    with models_module.gguf_parsed_once():
+    with gguf_module.gguf_parsed_once():
         load_causal_lm(gguf_path)
         load_causal_lm(gguf_path)
-        assert len(models_module._GGUF_READERS) == 1
-    assert len(reads) == 1 and not models_module._GGUF_READERS
+        assert len(gguf_module._GGUF_READERS) == 1
+    assert len(reads) == 1 and not gguf_module._GGUF_READERS
 
 
 def test_tokenizer_and_model_load_in_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
     """`load_tokenizer_and_model` loads both inside one block (so a .gguf is read once), with the caller's flags."""
-    from aitraining import models as models_module
+    from aitraining.models import gguf as gguf_module
+    from aitraining.models import load as load_module
 
     seen = []
-    monkeypatch.setattr(models_module, "load_tokenizer", lambda name, **kw: seen.append((models_module._GGUF_READERS, kw)) or "tok")
-    monkeypatch.setattr(models_module, "load_causal_lm", lambda name, **kw: seen.append((models_module._GGUF_READERS, kw)) or "lm")
-    got = models_module.load_tokenizer_and_model("x.gguf", trust_remote_code=True, token="t", flag="--teacher-model",
-                                                 allow_pickle=True)
+    monkeypatch.setattr(load_module, "load_tokenizer", lambda name, **kw: seen.append((gguf_module._GGUF_READERS, kw)) or "tok")
+    monkeypatch.setattr(load_module, "load_causal_lm", lambda name, **kw: seen.append((gguf_module._GGUF_READERS, kw)) or "lm")
+    got = load_module.load_tokenizer_and_model("x.gguf", trust_remote_code=True, token="t", flag="--teacher-model",
+                                               allow_pickle=True)
     assert got == ("tok", "lm") and seen[0][0] is not None and seen[0][0] is seen[1][0]
     assert seen[0][1] == {"trust_remote_code": True, "token": "t", "flag": "--teacher-model"}
     assert seen[1][1] == {"trust_remote_code": True, "token": "t", "flag": "--teacher-model", "allow_pickle": True}
@@ -327,13 +327,13 @@ def test_materialize_gguf_round_trip(bundled_gguf: str, smol_tokenizer_dir: str,
     # the bit as transformers' own reading above, and gguf is left as it was.
     import gguf
 
-    from aitraining import models as models_module
+    from aitraining.models import gguf as gguf_module
 
     ours = load_causal_lm(bundled_gguf).state_dict()
     plain = model.state_dict()
     assert ours.keys() == plain.keys() and all(torch.equal(ours[k], plain[k]) for k in plain)
     assert isinstance(gguf.GGUFReader, type) and not hasattr(gguf.get_tensor_name_map, "cache_info")
-    assert not models_module._GGUF_READERS  # the parsed vocabulary is not kept past the loading
+    assert not gguf_module._GGUF_READERS  # the parsed vocabulary is not kept past the loading
 
 
 def test_smol_teacher_dir_matches_bundled_config(smol_teacher_dir: str) -> None:
@@ -437,7 +437,7 @@ def test_layers_swapped_in_place_give_the_pruned_model(tiny6_dir: str) -> None:
     with sliding-window layer types sliced too, and the model restored afterwards."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from aitraining.models import _answer_log_probs, _Calibration, _kl_without, _kls_without_each, _only_layers
+    from aitraining.models.choose import _answer_log_probs, _Calibration, _kl_without, _kls_without_each, _only_layers
 
     config = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
                          num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
@@ -466,8 +466,8 @@ def test_layers_swapped_in_place_give_the_pruned_model(tiny6_dir: str) -> None:
 def test_choose_layers_drops_the_layers_that_do_nothing(tiny6_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Layers 1, 2 and 4 write nothing into the residual stream: keeping 3 must keep 0, 3 and 5 (evenly spaced
     layers would be 0, 2, 5), and the pruned model then answers exactly as the whole one."""
-    from aitraining import models as models_module
-    from aitraining.models import choose_layers
+    from aitraining.models import choose as choose_module
+    from aitraining.models.choose import choose_layers
 
     model = load_causal_lm(tiny6_dir)
     for i in (1, 2, 4):
@@ -475,13 +475,13 @@ def test_choose_layers_drops_the_layers_that_do_nothing(tiny6_dir: str, monkeypa
         torch.nn.init.zeros_(model.model.layers[i].mlp.down_proj.weight)
     tokenizer = AutoTokenizer.from_pretrained(tiny6_dir)
     seen = []
-    real = models_module._calibration
+    real = choose_module._calibration
 
     def calibration(*args: Any, **kwargs: Any) -> Any:
         seen.append(real(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(models_module, "_calibration", calibration)
+    monkeypatch.setattr(choose_module, "_calibration", calibration)
     choice = choose_layers(model, tokenizer, 3, prompts=["Name a colour.", "Hi"], max_new_tokens=6)
     # The model answered the prompts themselves, in its chat template.
     texts = tokenizer.batch_decode(seen[0].input_ids)
@@ -516,10 +516,10 @@ def test_prune_to_folder(tiny6_dir: str, tmp_path: Path, monkeypatch: pytest.Mon
     readme = (output / "README.md").read_text(encoding="utf-8")
     assert tiny6_dir in readme and "layers 0, 5" in readme and "evenly spaced" in readme and "distillation" in readme
 
-    from aitraining import models as models_module
+    from aitraining.models import prune as prune_module
 
-    real = models_module.choose_layers  # measured on two short answers (the 16 prompts cost seconds of a CPU)
-    monkeypatch.setattr(models_module, "choose_layers",
+    real = prune_module.choose_layers  # measured on two short answers (the 16 prompts cost seconds of a CPU)
+    monkeypatch.setattr(prune_module, "choose_layers",
                         lambda *a, **k: real(*a, **{**k, "prompts": ["Hi", "Name a colour."], "max_new_tokens": 6}))
     measured = tmp_path / "measured"
     prune_to_folder(tiny6_dir, 2, str(measured))  # the default: layers chosen by measurement
@@ -530,7 +530,7 @@ def test_prune_to_folder(tiny6_dir: str, tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_calibration_prompts_from_the_users_data(tmp_path: Path) -> None:
     """--calibration-data: the user turns of any documented row format, at most n of them spread over the file."""
-    from aitraining.models import calibration_prompts
+    from aitraining.models.choose import calibration_prompts
 
     def write(name: str, rows: list[dict[str, Any]]) -> str:
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -554,19 +554,19 @@ def test_prune_measures_on_the_calibration_data(tiny6_dir: str, tmp_path: Path, 
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """`aitraining prune --calibration-data`: the layers are measured on the user's prompts (the model answers
     those), the README says so; with --layers even or a missing file: one line, exit 2, nothing written."""
-    from aitraining import models as models_module
     from aitraining.cli import main
+    from aitraining.models import prune as prune_module
 
     data = tmp_path / "mine.jsonl"
     data.write_text('{"text": "Bonjour, comment vas-tu ?"}\n{"text": "Compte jusqu\'a trois."}\n', encoding="utf-8")
     asked: list[list[str]] = []
-    real = models_module.choose_layers
+    real = prune_module.choose_layers
 
     def spy(*a: Any, **k: Any) -> Any:
         asked.append(list(k["prompts"]))
         return real(*a, **{**k, "max_new_tokens": 4})
 
-    monkeypatch.setattr(models_module, "choose_layers", spy)
+    monkeypatch.setattr(prune_module, "choose_layers", spy)
     output = tmp_path / "student"
     assert main(["prune", "--model", tiny6_dir, "--num-layers", "2", "--output", str(output),
                  "--calibration-data", str(data)]) == 0
@@ -772,7 +772,7 @@ def test_model_code_in_a_folder_never_runs_without_trust_remote_code(tiny_model_
 def test_save_model_folder_writes_aside_and_replaces(tiny_model_factory: Callable[..., str], tmp_path: Path) -> None:
     """The model and its tokenizer as a safetensors folder, renamed into place: whatever was there is replaced,
     nothing is left beside it."""
-    from aitraining.models import save_model_folder
+    from aitraining.models.folders import save_model_folder
 
     source = Path(tiny_model_factory(n_layers=1, seed=14, path=tmp_path / "source"))
     out = tmp_path / "copy"

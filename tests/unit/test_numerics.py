@@ -14,8 +14,9 @@ import math
 import pytest
 import torch
 
-from aitraining.losses import DenseTargets, LinearHead, chunked_token_loss_sums, teacher_targets_from_logits
+from aitraining.chunked import LinearHead, chunked_token_loss_sums
 from aitraining.params import DIVERGENCE_KINDS
+from aitraining.signal import DenseTargets, teacher_targets_from_logits
 
 V, H, N = 96, 16, 12
 

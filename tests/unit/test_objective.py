@@ -11,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from aitraining.losses import TeacherTargets, teacher_targets_from_logits
+from aitraining.batches import Item, collate
 from aitraining.objective import Objective
 from aitraining.params import LLMTrainingParams
-from aitraining.teacher import LiveTeacher, Teacher
-from aitraining.train import Item, collate
+from aitraining.signal import TeacherTargets, teacher_targets_from_logits
+from aitraining.teacher import TeacherSettings
+from aitraining.teacher.engine import Engine
+from aitraining.teacher.sources import LiveSource
 
 T, ALPHA = 3.0, 0.7
 
@@ -106,13 +108,19 @@ def padded(p: torch.Tensor, width: int) -> torch.Tensor:
     return F.pad(p, (0, width - p.shape[-1]))
 
 
+def live_teacher(params: LLMTrainingParams, project_dir: Path) -> LiveSource:
+    """The teacher kept in memory on the CPU, as a live source."""
+    settings = params.settings(TeacherSettings)
+    return LiveSource(Engine(settings, torch.device("cpu")), settings, str(project_dir))
+
+
 @pytest.mark.parametrize("chunk_size", [2, 64])
-def test_live_teacher_objective_equals_the_float64_dense_loss(setup, chunk_size):
+def test_live_teacher_objective_equals_the_float64_dense_loss(setup, chunk_size, tmp_path):
     """A live teacher: the exact loss over the full vocabulary (padded embedding rows excluded)."""
     tok, student, teacher_dir, items = setup
     params = LLMTrainingParams(model=student, teacher_model=teacher_dir, data_path="x", use_distillation=True,
                                teacher_source="live", mixed_precision="no")
-    live = LiveTeacher(Teacher(params, torch.device("cpu")))
+    live = live_teacher(params, tmp_path)
     width = len(tok) + 64
     probs = [padded(F.softmax(z / T, -1), width) for z in teacher_logits(teacher_dir, items, len(tok))]
     got, grad = objective_loss(student, items, live.targets(items), tok.pad_token_id, chunk_size)
@@ -121,7 +129,7 @@ def test_live_teacher_objective_equals_the_float64_dense_loss(setup, chunk_size)
     torch.testing.assert_close(grad, want_grad, rtol=1e-3, atol=1e-6)
 
 
-def test_on_policy_answers_are_the_students_own_and_train_alpha_t2_kl_without_labels(setup):
+def test_on_policy_answers_are_the_students_own_and_train_alpha_t2_kl_without_labels(setup, tmp_path):
     """On-policy rows (onpolicy.py): the same prompts with the student's own sampled answers, reproducible from
     (seed, step, micro-batch) and leaving the global random state alone; their loss is alpha T^2 KL against the
     teacher's exact distribution on those very tokens, with no label term, equal to the float64 definition."""
@@ -132,7 +140,7 @@ def test_on_policy_answers_are_the_students_own_and_train_alpha_t2_kl_without_la
     tok, student, teacher_dir, items = setup
     params = LLMTrainingParams(model=student, teacher_model=teacher_dir, data_path="x", use_distillation=True,
                                mixed_precision="no")
-    on = OnPolicy(Teacher(params, torch.device("cpu")), tok, share=0.5, seed=5, max_new_tokens=6, block_size=64)
+    on = OnPolicy(live_teacher(params, tmp_path), tok, share=0.5, seed=5, max_new_tokens=6, block_size=64)
     model = AutoModelForCausalLM.from_pretrained(student)
     model.train()
     state = torch.get_rng_state()
@@ -162,7 +170,7 @@ def test_on_policy_answers_are_the_students_own_and_train_alpha_t2_kl_without_la
     assert with_labels > want * 1.01  # the label term would have counted
 
 
-def test_an_on_policy_answer_is_scored_up_to_its_first_repeat(setup):
+def test_an_on_policy_answer_is_scored_up_to_its_first_repeat(setup, tmp_path):
     """onpolicy.py, "Only up to the first repeat": the teacher scores a looping answer up to the token that completes
     its first repeated trigram, and a student's answer that never repeats whole."""
     from transformers import AutoModelForCausalLM
@@ -175,7 +183,7 @@ def test_an_on_policy_answer_is_scored_up_to_its_first_repeat(setup):
     tok, student, teacher_dir, items = setup
     params = LLMTrainingParams(model=student, teacher_model=teacher_dir, data_path="x", use_distillation=True,
                                mixed_precision="no")
-    on = OnPolicy(Teacher(params, torch.device("cpu")), tok, share=1.0, seed=5, max_new_tokens=9, block_size=64)
+    on = OnPolicy(live_teacher(params, tmp_path), tok, share=1.0, seed=5, max_new_tokens=9, block_size=64)
     looping = AutoModelForCausalLM.from_pretrained(student)
     word = next(t for t in range(len(tok)) if t not in {tok.eos_token_id, tok.pad_token_id})
     head = torch.nn.Linear(looping.lm_head.in_features, looping.lm_head.out_features, bias=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -396,15 +398,34 @@ def test_template_error_message_is_one_line() -> None:
 # ------------------------------------------------------------------------------------------ serialisation
 
 
+def saved_json(p: LLMTrainingParams) -> Path:
+    """training_params.json, as the project folder of a run with these parameters writes it when it opens."""
+    from aitraining.runfolder import PARAMS_FILE, RunFolder
+    from aitraining.train import folder_settings
+
+    logger = logging.getLogger("aitraining")
+    handlers, level = list(logger.handlers), logger.level
+    folder = RunFolder(folder_settings(p))
+    try:
+        folder.open()
+    finally:
+        folder.release()
+        for h in list(logger.handlers):
+            if h not in handlers:  # the folder's train.log
+                logger.removeHandler(h)
+                h.close()
+        logger.setLevel(level)
+    return Path(folder.file(PARAMS_FILE))
+
+
 def test_token_never_in_public_dict_or_saved_json(tmp_path) -> None:
     secret = "hf_SECRETtoken123"
-    p = make(token=secret)
+    p = make(token=secret, project_name=str(tmp_path / "project"))
     assert p.token == secret
     public = p.public_dict()
     assert "token" not in public
     assert secret not in json.dumps(public)
-    path = tmp_path / "params.json"
-    p.save_json(str(path))
+    path = saved_json(p)
     text = path.read_text(encoding="utf-8")
     assert secret not in text
     saved = json.loads(text)
@@ -414,9 +435,9 @@ def test_token_never_in_public_dict_or_saved_json(tmp_path) -> None:
 
 
 def test_saved_json_round_trips(tmp_path) -> None:
-    p = make(use_distillation=True, teacher_model="./t", distill_alpha=0.3, peft=True)
-    path = tmp_path / "params.json"
-    p.save_json(str(path))
+    p = make(use_distillation=True, teacher_model="./t", distill_alpha=0.3, peft=True,
+             project_name=str(tmp_path / "project"))
+    path = saved_json(p)
     again = LLMTrainingParams(**json.loads(path.read_text(encoding="utf-8")))
     assert again.public_dict() == p.public_dict()
 

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-import aitraining.train as train
+import aitraining.hardware as hardware
 
 
 @pytest.mark.parametrize("choice", ["no", "bf16", "fp16"])
 def test_an_explicit_choice_is_kept(choice: str) -> None:
-    assert train.resolve_mixed_precision(choice) == choice
+    assert hardware.resolve_mixed_precision(choice) == choice
 
 
 @pytest.mark.parametrize("has_bf16, expected", [(True, "bf16"), (False, "no")])
 def test_default_follows_the_cpu(monkeypatch: pytest.MonkeyPatch, has_bf16: bool, expected: str) -> None:
-    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: has_bf16)
-    assert train.resolve_mixed_precision(None) == expected
+    monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: has_bf16)
+    assert hardware.resolve_mixed_precision(None) == expected
 
 
 def test_the_resolved_precision_is_what_the_project_records(tiny_model_factory, tmp_path, monkeypatch) -> None:
@@ -24,7 +24,7 @@ def test_the_resolved_precision_is_what_the_project_records(tiny_model_factory, 
 
     from aitraining.cli import main
 
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: True)
     student = tiny_model_factory(n_layers=1, seed=3)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "Hi", "response": "Hello."}) + "\n")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from aitraining import card, compare, plots
-from aitraining.data import MIN_ROWS_TO_HOLD_OUT, held_out_rows
+from aitraining import card, compare, judge, plots
+from aitraining.data.examples import MIN_ROWS_TO_HOLD_OUT, held_out_rows
 from aitraining.errors import UserError
-from aitraining.evaluate import paired_difference
+from aitraining.metrics import paired_difference
 from aitraining.params import LLMTrainingParams
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -51,7 +51,7 @@ METRICS = [
 def test_model_card_shows_held_out_figures_before_and_after_not_the_last_logging_window(tmp_path):
     params = LLMTrainingParams(model="student", teacher_model="teacher", data_path="d.jsonl", use_distillation=True)
     final = {"step": 10, "loss": 4.0, "lr": 0.0, "tokens": 280, "train_s": 12.5, "teacher_cache_bytes_per_token": 984}
-    card.write_model_card(str(tmp_path), params, final, METRICS, n_train=90, n_valid=5, pictures=["training_curves.png"])
+    card.write_model_card(str(tmp_path), params.public_dict(), final, METRICS, n_train=90, n_valid=5, pictures=["training_curves.png"])
     text = (tmp_path / "README.md").read_text()
     assert "On the 5 held-out rows" in text and "held out for evaluation: 5 rows" in text
     assert "| KL(teacher ‖ student) per response token | 15.2000 | 4.4000 |" in text
@@ -60,7 +60,7 @@ def test_model_card_shows_held_out_figures_before_and_after_not_the_last_logging
     assert "| lr | 0 |" not in text and "| tokens |" not in text  # the logging window's bookkeeping is no result
     assert "![training curves](training_curves.png)" in text
 
-    card.write_model_card(str(tmp_path), params, final, METRICS[1:3], n_train=95, n_valid=0)
+    card.write_model_card(str(tmp_path), params.public_dict(), final, METRICS[1:3], n_train=95, n_valid=0)
     assert "No rows were held out" in (tmp_path / "README.md").read_text()
 
 
@@ -91,11 +91,11 @@ def test_comparison_table_verdict_samples_and_card_section(tmp_path):
     assert "## 1. Say | hi" in samples and "| teacher's response | teacher \\| one |" in samples
     assert "| baseline | baseline answer 2 |" in samples
 
-    record = compare.without_answers(RESULT)
+    record = judge.without_answers(RESULT)
     assert "answers" not in record["models"]["distilled"] and record["samples"][1]["distilled"] == "distilled answer 1"
 
     params = LLMTrainingParams(model="s", teacher_model="t", data_path="d", use_distillation=True)
-    card.write_model_card(str(tmp_path), params, {}, METRICS, n_train=9, n_valid=3)
+    card.write_model_card(str(tmp_path), params.public_dict(), {}, METRICS, n_train=9, n_valid=3)
     for _ in range(2):  # a second comparison replaces the first, never stacks
         card.add_comparison(str(tmp_path), lines, compare.verdict(RESULT), ["comparison.png"])
     text = (tmp_path / "README.md").read_text()
@@ -104,7 +104,7 @@ def test_comparison_table_verdict_samples_and_card_section(tmp_path):
 
 
 def test_repeated_trigrams_counted_by_hand():
-    from aitraining.evaluate import repeated_trigrams
+    from aitraining.metrics import repeated_trigrams
 
     # "a b c a b c": trigrams abc, bca, cab, abc; the last repeats the first: 1 of 4.
     assert repeated_trigrams("a b c a b c") == 0.25

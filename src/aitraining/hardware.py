@@ -1,0 +1,62 @@
+"""The machine a run trains on: its precision, its memory allocator, and the Accelerate state of the process."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matmuls natively (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_mixed_precision(choice: str | None) -> str:
+    """The precision a run uses: the user's choice, else bfloat16 where the hardware has it.
+
+    bfloat16 autocast is the faster choice on CPUs with native bfloat16 matmuls at the same held-out quality
+    (benchmarks/utilization.py; figures in BENCHMARKS.md). `--mixed-precision no` keeps float32 everywhere.
+    """
+    if choice is not None:
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_bf16() else "no"
+
+
+def release_freed_memory_to_the_system(threshold: int = 1 << 16) -> bool:
+    """Serve allocations of `threshold` bytes and more with their own memory maps (glibc only; False elsewhere).
+
+    Note [Heap growth]: glibc raises its mmap threshold to the size of the largest block freed, up to 32 MiB, so
+    after the first steps every activation, logits chunk and gradient buffer of a training step comes from the
+    heap; batches of varying shapes then leave holes that the heap never gives back, and resident memory climbs
+    step after step (benchmarks/end_to_end.py measures the whole-run peak). Setting the threshold turns the
+    adjustment off.
+    """
+    name = ctypes.util.find_library("c")
+    if not name or not os.uname().sysname == "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def accelerator(mixed_precision: str, log: str, project_dir: str) -> Any:
+    """The run's Accelerator. accelerate keeps its state per process; a second run in the same process (the Python
+    API, tests) may ask for another precision. The process group (PartialState) is kept."""
+    AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
+                       log_with=None if log == "none" else log, project_dir=project_dir)
