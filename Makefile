@@ -21,6 +21,13 @@ VOCAB := $(VENV)/share/aitraining-test-vocab/.complete
 $(VOCAB): $(STAMP) tests/fetch_vocabularies.py
 	$(PY) tests/fetch_vocabularies.py $(VENV)/share/aitraining-test-vocab
 
+# A real OpenAI-compatible server for the tests of the server teacher: llama-cpp-python builds llama.cpp from source
+# (cmake, g++; 4-10 minutes on two cores), once.
+ENGINE := $(VENV)/.teacher-server-engine
+$(ENGINE): $(STAMP)
+	$(PY) -m pip install -q 'llama-cpp-python[server]==0.3.36'
+	touch $(ENGINE)
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -32,7 +39,7 @@ example-across-tokenizers: $(STAMP) $(VOCAB)
 # Two workers of one thread each (tests/conftest.py): the tests' models are tiny, so two at once finish in about
 # half the time of one after another, where one test at a time on two threads gains little. Work stealing: with the
 # default scheduling a worker that ran out of tests waited 3 minutes for the other's long tail (477 s against 303 s).
-test: $(STAMP) $(VOCAB)
+test: $(STAMP) $(VOCAB) $(ENGINE)
 	$(PY) -m pytest -q -n 2 --dist worksteal
 
 lint: $(STAMP)

@@ -38,7 +38,7 @@ from aitraining.teacher import TeacherSource
 
 
 class _RealTokensOnly:
-    """Note [Padded vocabularies] (teacher/engine.py): embedding rows past the tokenizer are no tokens; an untrained
+    """Note [Padded vocabularies] (teacher/text.py): embedding rows past the tokenizer are no tokens; an untrained
     student would otherwise sample them."""
 
     def __init__(self, vocab: int) -> None:

@@ -28,7 +28,10 @@ CHAT_TEMPLATES = ("auto", "tokenizer", "none", "chatml", "zephyr")
 SECRET_FIELDS = frozenset({"token"})
 INVOCATION_FIELDS = frozenset({"resume_from_checkpoint", "overwrite", "token", "log", "eval_steps", "eval_max_rows",
                                "compare_baseline", "skip_bad_rows",
-                               "allow_pickle_weights"})
+                               "allow_pickle_weights",
+                               # where the teacher is served and how it is asked: the same teacher on another port
+                               # is the same run (its cache is keyed by the served model and the tokenizer)
+                               "teacher_url", "teacher_api_key_env", "teacher_concurrency", "teacher_timeout"})
 
 
 T = TypeVar("T")
@@ -155,10 +158,25 @@ class LLMTrainingParams(BaseModel):
         "Teacher tokens sampled per position from the rest of its tempered distribution (0-255; 0: the rest is "
         "one bucket)", ge=0, le=255
     )
-    teacher_source: Literal["cache", "live"] = _f(
+    teacher_source: Literal["cache", "live", "server"] = _f(
         "cache", "Distillation",
         "cache: the teacher runs once and its targets are stored; live: it stays loaded and gives its exact "
-        "full distribution at every step (slower, more memory)",
+        "full distribution at every step (slower, more memory); server: the teacher is served elsewhere "
+        "(--teacher-url; vLLM, SGLang, llama.cpp) and its top-k log-probs are stored like the cache's "
+        "(--teacher-model then names its tokenizer)",
+    )
+    teacher_url: str | None = _f(
+        None, "Distillation", "With --teacher-source server: the OpenAI-compatible server, e.g. http://host:8000/v1",
+    )
+    teacher_api_key_env: str | None = _f(
+        None, "Distillation",
+        "With --teacher-source server: the environment variable holding the server's API key (the key itself is "
+        "never written anywhere)",
+    )
+    teacher_concurrency: int = _f(8, "Distillation", "With --teacher-source server: requests in flight at once", ge=1)
+    teacher_timeout: float = _f(
+        120.0, "Distillation", "With --teacher-source server: seconds one request may take before it is retried",
+        gt=0.0, allow_inf_nan=False,
     )
     distill_on_policy: float = _f(
         0.0, "Distillation",
@@ -219,6 +237,15 @@ class LLMTrainingParams(BaseModel):
                             "--distill-alpha 0 gives it no weight; raise --distill-alpha or drop --distill-on-policy")
         if not self.target_modules.strip():
             raise UserError("--target-modules must not be empty: use all-linear or a comma list such as q_proj,v_proj")
+        if self.teacher_source == "server" and not self.teacher_url:
+            raise UserError("--teacher-source server needs --teacher-url: the OpenAI-compatible server, e.g. "
+                            "http://localhost:8000/v1")
+        if self.teacher_url and self.teacher_source != "server":
+            raise UserError("--teacher-url is only read with --teacher-source server; add it, or drop --teacher-url")
+        if self.teacher_source == "server" and self.distill_on_policy > 0:
+            raise UserError("--distill-on-policy needs the teacher's exact distribution on the student's own answers, "
+                            "which a server's top-k does not give; drop one of --distill-on-policy and "
+                            "--teacher-source server")
         if self.teacher_model and not self.use_distillation:
             warnings.warn(
                 "--teacher-model is set but --use-distillation is not: the teacher is ignored (add --use-distillation)",

@@ -6,6 +6,7 @@ evaluation and the baseline comparison reach the teacher only through it.
     engine.py     the teacher model in this process: writes answers (recording its distribution) and scores them
     phase.py      the teacher phase: answers and targets, once, resumable, whatever engine made them
     cache.py      the files it leaves: teacher_outputs.jsonl and teacher_cache/<settings-hash>/
+    server.py     the teacher behind an OpenAI-compatible server: writes and scores like the engine, into the cache
     sources.py    the sources: the cache (default) and the live teacher
 
 A source is used in this order: `prepare(examples)` once (the teacher answers prompt-only rows and, for the cache,
@@ -16,6 +17,7 @@ can score any items on demand (the student's own answers, on-policy); `facts()` 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
@@ -26,6 +28,7 @@ from aitraining.teacher.cache import OUTPUTS_FILE
 from aitraining.teacher.engine import Engine
 from aitraining.teacher.path import DistillPath, choose_path
 from aitraining.teacher.phase import TeacherItem
+from aitraining.teacher.server import ServerEngine
 from aitraining.teacher.settings import TeacherSettings
 from aitraining.teacher.sources import CachedSource, LiveSource
 
@@ -63,15 +66,21 @@ class TeacherSource(Protocol):
 
 def open_source(settings: TeacherSettings, *, project_dir: str, device: torch.device, path: DistillPath,
                 tokenizer: Any = None, vocab: VocabularyMap | None = None, exact: bool = False) -> TeacherSource:
-    """The teacher source that --teacher-source names: the cache (default) or the live teacher. Its files go to
+    """The teacher source that --teacher-source names: the cache (default), the live teacher, or the cache filled by a
+    server (teacher/server.py). Its files go to
     `project_dir`. `tokenizer`: the teacher's, if the caller loaded it already; `vocab`: the map onto the
     student's vocabulary, which the cross-vocabulary path needs. `exact`: the judge's reference, the teacher live
     in float32 whatever the run trains in."""
-    engine = Engine(settings, device, tokenizer, dtype=torch.float32 if exact else None)
+    if settings.teacher_source == "server" and not exact:
+        # A server gives its top-k log-probs, no draws from the rest: the rest is one bucket.
+        settings = replace(settings, distill_tail_samples=0)
+        engine: Engine | ServerEngine = ServerEngine(settings, tokenizer)
+    else:
+        engine = Engine(settings, device, tokenizer, dtype=torch.float32 if exact else None)
     if path.mode == "cross-vocabulary":
         if vocab is None:
             raise ValueError("open_source: the cross-vocabulary path needs the vocabulary map")
         engine.projection = vocab
-    if exact or (settings.teacher_source == "live" and path.needs_targets):
+    if isinstance(engine, Engine) and (exact or (settings.teacher_source == "live" and path.needs_targets)):
         return LiveSource(engine, settings, project_dir)
     return CachedSource(engine, settings, project_dir, path)

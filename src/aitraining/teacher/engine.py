@@ -18,16 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from aitraining.data.examples import Example
-from aitraining.data.templates import encode_prompt, resolve_chat_template
 from aitraining.errors import UserError
 from aitraining.models.generate import generate_answers, stop_ids
 from aitraining.models.heads import decoder, output_head
-from aitraining.models.load import load_causal_lm, load_tokenizer
-from aitraining.padding import pad_id, padded
+from aitraining.models.load import load_causal_lm
+from aitraining.padding import padded
 from aitraining.signal import NonFiniteTeacher, TeacherTargets, VocabularyMap, teacher_targets_from_logits
 from aitraining.teacher.cache import model_identity
 from aitraining.teacher.settings import TeacherSettings, teacher_dtype
+from aitraining.teacher.text import TeacherText
 
 _GOLDEN = 0.6180339887498949
 
@@ -86,26 +85,15 @@ class _Recorder:
         return scores
 
 
-class Engine:
+class Engine(TeacherText):
     """The teacher model, loaded lazily (only if something is missing from the cache) and freed when done."""
 
     def __init__(self, settings: TeacherSettings, device: torch.device, tokenizer: Any = None, *,
                  dtype: torch.dtype | None = None) -> None:
-        self.settings = settings
+        super().__init__(settings, tokenizer)
         self.device = device
         self.dtype = dtype or teacher_dtype(device, settings.mixed_precision)
-        # A student with another vocabulary: the recorded and scored distributions are projected onto it.
-        self.projection: VocabularyMap | None = None
-        # A caller that already loaded the teacher's tokenizer (to check vocabularies) hands it over.
-        self.tokenizer = tokenizer or load_tokenizer(settings.teacher_model, trust_remote_code=settings.trust_remote_code,
-                                                     token=settings.token, flag="--teacher-model")
-        self.tokenizer.padding_side = "left"
-        # Note [Padded vocabularies]: embedding matrices are often padded past the tokenizer (152064 rows for
-        # 151936 tokens). Padded ids are no tokens: the teacher's distribution is taken over the real
-        # vocabulary only, so a top-k id always exists in the student too.
-        self.vocab = len(self.tokenizer)
-        self.chat_template = resolve_chat_template(self.tokenizer, "none" if settings.chat_template == "none" else "auto")
-        self.pad_id = pad_id(self.tokenizer)
+        self.batch_size = settings.teacher_batch_size
         self._model: Any = None
 
     def identity(self) -> dict[str, Any]:
@@ -129,9 +117,6 @@ class Engine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-    def prompt_ids(self, ex: Example) -> list[int]:
-        return encode_prompt(self.tokenizer, ex, self.settings.prompt_template, self.chat_template)
 
     def stop_ids(self) -> set[int]:
         return stop_ids(self.tokenizer, self.model)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,7 +19,6 @@ import torch
 from tqdm.auto import tqdm
 
 from aitraining.data.examples import Example
-from aitraining.data.templates import encode_response
 from aitraining.params import digest
 from aitraining.signal import TeacherTargets
 from aitraining.teacher.cache import OUTPUTS_FILE, TargetCache, cut_torn_line, jsonl_records
@@ -40,13 +40,15 @@ class Writer(Protocol):
     """What the phase needs of an engine."""
 
     tokenizer: Any
+    batch_size: int  # prompts per call of `generate` and pairs per call of `score`
 
     def identity(self) -> dict[str, Any]: ...
     def prompt_ids(self, ex: Example) -> list[int]: ...
+    def response_ids(self, text: str, *, add_eos: bool) -> list[int]: ...
     def stop_ids(self) -> set[int]: ...
     def generate(self, prompts: Sequence[list[int]], *, record: bool = True
-                 ) -> list[tuple[list[int], TeacherTargets | None]]: ...
-    def score(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[TeacherTargets]: ...
+                 ) -> Iterable[tuple[list[int], TeacherTargets | None]]: ...
+    def score(self, pairs: Sequence[tuple[list[int], list[int]]]) -> Iterable[TeacherTargets]: ...
 
 
 def teacher_phase(engine: Writer, settings: TeacherSettings, examples: Sequence[Example], project_dir: str,
@@ -83,35 +85,36 @@ def _write_answers(engine: Writer, settings: TeacherSettings, examples: Sequence
     outputs = read_outputs(outputs_path)
     # One generation per distinct prompt: repeated rows share the answer (and its cache entry).
     wanted = list({gen_keys[i]: i for i, ex in reversed(list(enumerate(examples))) if ex.response is None}.values())
-    batches = same_batches(wanted, lambda i: len(prompt_ids[i]), settings.teacher_batch_size,
+    batches = same_batches(wanted, lambda i: len(prompt_ids[i]), engine.batch_size,
                            lambda i: gen_keys[i] not in outputs)
     if not batches:
         return
     missing = sum(gen_keys[i] not in outputs for i in wanted)
-    bar = tqdm(total=missing, desc="teacher: writing responses", unit="prompt", disable=not show_progress)
-    stop = engine.stop_ids()
-    with open(outputs_path, "a", encoding="utf-8") as f:
-        for b, batch in batches:
-            torch.manual_seed(settings.seed + b)  # a sampling teacher draws the same whatever ran before
-            results = engine.generate([prompt_ids[i] for i in batch], record=cache is not None)
-            for i, (resp_ids, targets) in zip(batch, results, strict=True):
-                if gen_keys[i] in outputs:
-                    continue  # written before a kill; its batch ran again only to stay the same batch
-                key = target_key(prompt_ids[i], resp_ids[: settings.distill_max_teacher_length])
-                if cache is not None and targets is not None and key not in cache:
-                    cache.add(key, targets)
-                rec = {
-                    "key": gen_keys[i],
-                    "row": examples[i].source_row,
-                    "prompt": examples[i].prompt_text if examples[i].messages else "",
-                    "response": engine.tokenizer.decode(resp_ids, skip_special_tokens=True),
-                    "response_ids": resp_ids,
-                    "finished": bool(resp_ids) and resp_ids[-1] in stop,
-                }
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                f.flush()
-                bar.update(1)
-    bar.close()
+    with tqdm(total=missing, desc="teacher: writing responses", unit="prompt", disable=not show_progress) as bar:
+        rate = _TokenRate(bar)
+        stop = engine.stop_ids()
+        with open(outputs_path, "a", encoding="utf-8") as f:
+            for b, batch in batches:
+                torch.manual_seed(settings.seed + b)  # a sampling teacher draws the same whatever ran before
+                results = engine.generate([prompt_ids[i] for i in batch], record=cache is not None)
+                for i, (resp_ids, targets) in zip(batch, results, strict=True):
+                    if gen_keys[i] in outputs:
+                        continue  # written before a kill; its batch ran again only to stay the same batch
+                    key = target_key(prompt_ids[i], resp_ids[: settings.distill_max_teacher_length])
+                    if cache is not None and targets is not None and key not in cache:
+                        cache.add(key, targets)
+                    rec = {
+                        "key": gen_keys[i],
+                        "row": examples[i].source_row,
+                        "prompt": examples[i].prompt_text if examples[i].messages else "",
+                        "response": engine.tokenizer.decode(resp_ids, skip_special_tokens=True),
+                        "response_ids": resp_ids,
+                        "finished": bool(resp_ids) and resp_ids[-1] in stop,
+                    }
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    f.flush()
+                    bar.update(1)
+                    rate.add(len(resp_ids))
 
 
 def _items(engine: Writer, settings: TeacherSettings, examples: Sequence[Example], prompt_ids: list[list[int]],
@@ -131,7 +134,7 @@ def _items(engine: Writer, settings: TeacherSettings, examples: Sequence[Example
             ended = bool(rec.get("finished", True))
         else:
             # In the teacher's tokens: the same as the student's on the same-vocabulary path.
-            resp = encode_response(engine.tokenizer, ex.response, add_eos=settings.add_eos_token)
+            resp = engine.response_ids(ex.response, add_eos=settings.add_eos_token)
             ended = settings.add_eos_token and engine.tokenizer.eos_token_id is not None
         ended = ended and len(resp) <= settings.distill_max_teacher_length
         resp = resp[: settings.distill_max_teacher_length]
@@ -154,15 +157,28 @@ def _score(engine: Writer, settings: TeacherSettings, examples: Sequence[Example
     scoring = dict({it.target_key: (i, it) for i, (ex, it) in enumerate(zip(examples, items, strict=True))
                     if it is not None and (ex.response is not None or i in pending)}.values())  # row -> item
     batches = same_batches(list(scoring), lambda i: len(prompt_ids[i]) + len(scoring[i].response_ids),
-                           settings.teacher_batch_size, lambda i: scoring[i].target_key not in cache)
-    bar = tqdm(total=len(to_score), desc="teacher: scoring responses", unit="row", disable=not show_progress)
-    for _, batch in batches:
-        pairs = [(prompt_ids[i], scoring[i].response_ids) for i in batch]
-        for i, targets in zip(batch, engine.score(pairs), strict=True):
-            if scoring[i].target_key not in cache:
-                cache.add(scoring[i].target_key, targets)
-                bar.update(1)
-    bar.close()
+                           engine.batch_size, lambda i: scoring[i].target_key not in cache)
+    with tqdm(total=len(to_score), desc="teacher: scoring responses", unit="row", disable=not show_progress) as bar:
+        rate = _TokenRate(bar)
+        for _, batch in batches:
+            pairs = [(prompt_ids[i], scoring[i].response_ids) for i in batch]
+            for i, targets in zip(batch, engine.score(pairs), strict=True):
+                if scoring[i].target_key not in cache:
+                    cache.add(scoring[i].target_key, targets)
+                    bar.update(1)
+                    rate.add(len(targets))
+
+
+class _TokenRate:
+    """Answer tokens per second beside a progress bar's rows per second."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar, self.tokens, self.started = bar, 0, time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.started, 1e-9):.1f} tokens/s",
+                                 refresh=False)
 
 
 def read_outputs(path: str) -> dict[str, dict[str, Any]]:

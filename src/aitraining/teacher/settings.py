@@ -32,6 +32,10 @@ class TeacherSettings:
     trust_remote_code: bool = False
     token: str | None = None
     allow_pickle_weights: bool = False
+    teacher_url: str | None = None
+    teacher_api_key_env: str | None = None
+    teacher_concurrency: int = 8
+    teacher_timeout: float = 120.0
 
     @property
     def prompt_template(self) -> str:

@@ -9,12 +9,14 @@ from typing import Any
 import torch
 
 from aitraining.data.examples import Example
+from aitraining.errors import UserError
 from aitraining.models.heads import output_head
 from aitraining.signal import CrossTargets, DenseTargets, TeacherTargets
 from aitraining.teacher.cache import TargetCache, cache_folder, cache_meta
 from aitraining.teacher.engine import Engine
 from aitraining.teacher.path import DistillPath
 from aitraining.teacher.phase import TeacherItem, teacher_phase
+from aitraining.teacher.server import ServerEngine
 from aitraining.teacher.settings import TeacherSettings
 
 
@@ -24,7 +26,8 @@ class CachedSource:
     same text (`align.ResponseAligner`: the items' `teacher_rows`), whose distribution was projected onto the
     student's vocabulary before it was cached (Note [Across vocabularies] in signal.py)."""
 
-    def __init__(self, engine: Engine, settings: TeacherSettings, project_dir: str, path: DistillPath) -> None:
+    def __init__(self, engine: Engine | ServerEngine, settings: TeacherSettings, project_dir: str, path: DistillPath
+                 ) -> None:
         self.engine, self.settings, self.project_dir, self.path = engine, settings, project_dir, path
         self.meta = cache_meta(engine.identity(), settings, engine.vocab, engine.projection)
         self.folder = cache_folder(project_dir, self.meta)
@@ -60,6 +63,9 @@ class CachedSource:
 
     def scorer(self) -> LiveSource:
         """The same teacher live, for items the cache cannot hold (the student's own answers); it loads on first use."""
+        if not isinstance(self.engine, Engine):
+            raise UserError("scoring the student's own answers needs the teacher's exact distribution, which a server "
+                            "does not give; use --teacher-source cache or live")
         return LiveSource(self.engine, self.settings, self.project_dir)
 
     def facts(self) -> dict[str, Any]:
