@@ -78,6 +78,14 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ours_onpolicy": ("defaults + on-policy on half the steps (the student's own answers up to their first repeat, the live teacher scores)",
                       (*DISTILL, "--distill-on-policy", "0.5")),
 }
+# The teacher served by llama-cpp-python for the server arm, on a fixed port so that a rerun is the same command.
+SERVER_URL = "http://127.0.0.1:8791/v1"
+ARMS.update({
+    "ours_k20": ("defaults in a server's form: top-20, no tail samples (the in-process teacher)",
+                 (*DISTILL, "--distill-top-k", "20", "--distill-tail-samples", "0")),
+    "ours_server": ("the teacher served by llama-cpp-python (its Q4_1 GGUF), top-20 (--teacher-source server)",
+                    (*DISTILL, "--teacher-source", "server", "--teacher-url", SERVER_URL, "--distill-top-k", "20")),
+})
 DEFAULT_ARMS = ("baseline", "dense", "ours", "topk64")
 
 
@@ -379,6 +387,20 @@ def setup(args: argparse.Namespace) -> tuple[Path, str, str, list[str], list[str
     return work, teacher, student, read_prompts(TRAIN_PROMPTS), read_prompts(HELDOUT_PROMPTS)[-N_HELDOUT:]
 
 
+def served_teacher(args: argparse.Namespace, work: Path, student: str, teacher: str, data: str) -> Any:
+    """The bundled GGUF served by llama-cpp-python at SERVER_URL (all cores), if the server arm has runs to make."""
+    if "ours_server" not in args.arms or args.only_finished or all(
+            finished("ours_server", seed, student, teacher, data, work, args) for seed in args.seeds):
+        return None
+    sys.path.insert(0, str(HERE.parent / "tests" / "e2e"))
+    from teacher_server import LlamaServer
+
+    from aitraining.models.load import bundled_teacher_path
+
+    port = int(SERVER_URL.rsplit(":", 1)[1].split("/")[0])
+    return LlamaServer(bundled_teacher_path() or "", work / "server.log", port=port, threads=os.cpu_count() or 1).start()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
@@ -412,6 +434,7 @@ def main() -> None:
                              lambda: copying(teacher_model(), judge.reference.items))
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     result: dict[str, Any] = {}
+    server = served_teacher(args, work, student, teacher, train_data)
     for seed in args.seeds:
         for arm in args.arms:
             if args.only_finished and not finished(arm, seed, student, teacher, train_data, work, args):
@@ -452,6 +475,8 @@ def main() -> None:
                 "runs": {a: {str(s): r for s, r in v.items()} for a, v in runs.items()},
             }
             write_json(args.out, result)
+    if server is not None:
+        server.stop()
     rows = []
     for arm, row in result["arms"].items():
         rows.append([arm, f"{row['kl_t1']['mean']:.3f} ({row['kl_t1']['min']:.3f}-{row['kl_t1']['max']:.3f})",

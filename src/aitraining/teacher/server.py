@@ -6,27 +6,32 @@ Note [Server log-probabilities]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 Scoring asks for the prompt + answer text with `echo: true, logprobs: k, max_tokens: 1` (the legacy OpenAI form that
 vLLM, SGLang and llama-cpp-python answer), with the one generated token kept from ending the text (`min_tokens`,
-`logit_bias` on the end-of-sequence token). Servers number the entries differently:
+`logit_bias` on the end-of-sequence token). The text's tokens are the server's own (`tokenize`), so that what it
+scores is what the student trains on. Servers number the entries differently:
 
 - vLLM, SGLang: entry i is the distribution that predicts token i (entry 0 is null), and the generated token comes
   after the text's tokens: len(text tokens) + 1 entries. vLLM keys them by id with `return_tokens_as_token_ids`
   ("token_id:123"), which is asked for.
-- llama-cpp-python without a BOS token (the bundled SmolLM2): entry i is the distribution *after* token i (it
-  predicts token i + 1), entry 0 is null although it was computed, and the generated token is missing: as many
-  entries as text tokens. With a BOS token it numbers as vLLM does. Its entries are keyed by the token's text
-  (bytes decoded with errors ignored, special tokens as ""), and each entry also holds the token of its own
-  position.
+- llama-cpp-python leaves every token whose id is its BOS's out of the entries (SmolLM2's BOS is <|im_start|>, which
+  its chat template writes at every turn). When the evaluated text starts with a BOS (its own or the template's) it
+  numbers as vLLM does, the generated token last; otherwise entry i is the distribution *after* token i (it
+  predicts token i + 1) and the generated token is missing. Entry 0 is null either way. So the count of entries
+  tells the numbering (`_alignment`). Its entries are keyed by the token's text (bytes decoded with errors ignored,
+  special tokens as ""), and each also holds the token of its own position.
 
-So the count of entries tells the numbering: text tokens + 1 is the convention, text tokens is "after". Every entry's
-own token must be the local tokenizer's token at that position (a mismatch stops the run, naming the server, the row
-and the first differing token). A text key stands for a token id when exactly one token of the local vocabulary reads
-as it; a text shared by several tokens (partial UTF-8 bytes, special tokens: all "") is no id, and its mass stays in
-the rest. A server that keys entries by text also merges the tokens that read alike under one key: llama-cpp-python
-builds each entry as a dictionary in descending order, so the key stands at the rank of the most likely of them but
-keeps the value of the least likely; a key out of order is given what the ranking and the others' mass allow (at most
-the value above it, at least the one below, at most 1 minus the others). The rest's mass is 1 minus the head's; its mass at the distillation temperature, which only the full
-distribution gives, is taken as if the rest were tokens as likely as the head's least likely one (the most
-concentrated rest the ranking allows; a lower bound of the truth).
+Every entry's own token must be the local tokenizer's token at that position: a mismatch stops the run, naming the
+server, the row and the first differing token. A text key stands for the one token of the local vocabulary that
+reads as it; where several do, for the one whose bytes are the text whole (" " is the space token, not one of the
+37 space-plus-partial-character tokens), and "" for the end-of-sequence token (the special token a model predicts
+inside an answer); other texts read by several tokens stand for none, and their mass stays in the rest.
+llama-cpp-python also merges the tokens that read alike under one key: it builds each entry as a dictionary in
+descending order, so the key stands at the rank of the most likely of them but keeps the value of the least likely.
+A key out of order is given what the ranking and the others' mass allow: at most the value above it, at least the
+one below, at most 1 minus the others.
+
+The rest's mass is 1 minus the head's. Its mass at the distillation temperature, which only the whole distribution
+gives, is taken as if the rest were tokens as likely as the head's least likely one (the most concentrated rest the
+ranking allows; a lower bound of the truth).
 """
 
 from __future__ import annotations
