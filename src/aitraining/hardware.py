@@ -12,14 +12,16 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 matmuls natively (AVX512-BF16 or AMX)."""
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bfloat16 matmuls natively (AVX512-BF16 or AMX): the kernel's `flags` lines of
+    `cpuinfo` name avx512_bf16 or amx_bf16. False where the file cannot be read (not Linux)."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
+        with open(cpuinfo, encoding="utf-8") as f:
+            lines = f.read().splitlines()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    flags = {word for line in lines if line.split(":")[0].strip() == "flags" for word in line.split(":", 1)[1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_mixed_precision(choice: str | None) -> str:

@@ -32,3 +32,17 @@ def tiny_student(tiny_model_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_model_factory) -> str:
     return tiny_model_factory(n_layers=3, hidden=64, seed=1)
+
+
+@pytest.fixture(scope="session")
+def brief_teacher(tiny_teacher, tmp_path_factory) -> str:
+    """The tiny teacher fine-tuned (with this project, 40 steps) on the test pairs, whose answers are a few words
+    and an end-of-sequence token: the documented examples that leave --distill-max-teacher-length at 512 then run
+    as written in seconds (a random teacher writes all 512 tokens of every answer)."""
+    from aitraining.cli import main
+
+    folder = tmp_path_factory.mktemp("brief-teacher")
+    data = write_jsonl(folder / "pairs.jsonl", [{"prompt": p, "response": r} for p, r in PAIRS] * 4)
+    assert main(["llm", "--train", "--model", tiny_teacher, "--data-path", data, "--project-name", str(folder / "model"),
+                 "--epochs", "10", "--lr", "2e-2", "--batch-size", "8", "--mixed-precision", "no", "--seed", "0"]) == 0
+    return str(folder / "model")

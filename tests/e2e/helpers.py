@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -62,3 +63,64 @@ def other_tokenizer_student(tokenizer, folder: Path) -> str:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def sharpened(teacher: str, folder: Path, factor: float = 8.0) -> str:
+    """A copy of a tiny random teacher whose logits are `factor` times larger: a random model's next-token
+    distribution is nearly uniform, so its KL at T = 1 to any student is too small to show learning."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(factor)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(folder)
+    return str(folder)
+
+
+# ------------------------------------------------------------------ float64 references of what a run computed
+
+
+def float64_logits(folder: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The logits of the model saved in `folder`, computed in float64 (B, L, V)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float64).eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def answer_positions(attention_mask: torch.Tensor, n_prompt: torch.Tensor) -> list[tuple[int, int]]:
+    """(row, position) of every position that predicts an answer token, row by row: position t predicts token
+    t + 1, and the answer is tokens n_prompt .. length - 1."""
+    out = []
+    for r in range(attention_mask.shape[0]):
+        length = int(attention_mask[r].sum())
+        out.extend((r, t) for t in range(max(int(n_prompt[r]) - 1, 0), length - 1))
+    return out
+
+
+def cached_forward_kl(student_logits: torch.Tensor, targets, i: int, temperature: float) -> float:
+    """The cached signal's forward KL at one position, by its definition (signal.py, Note [Teacher signal]), in
+    float64 and one term at a time: KL over the k head ids and the tail as one bucket (teacher and student at T),
+    plus the teacher's tail mass times the mean over the tail draws of log t(j) - log s(j), t and s each model's
+    distribution within its tail."""
+    T = temperature
+    ls = torch.log_softmax(student_logits.double() / T, -1)
+    k = targets.k
+    head = [int(j) for j in targets.ids[i, :k]]
+    teacher = torch.cat([targets.logp[i].double() / T, targets.tail_lognorm[i].double().view(1)])
+    teacher = teacher - torch.logsumexp(teacher, 0)
+    outside = torch.ones_like(ls, dtype=torch.bool)
+    outside[head] = False
+    s_tail = torch.logsumexp(ls[outside], 0)
+    student = torch.cat([ls[head], s_tail.view(1)])
+    kl = sum(math.exp(teacher[b]) * (teacher[b] - student[b]) for b in range(k + 1))
+    counts = targets.counts[i].double()
+    draws = 0.0
+    for slot in range(targets.m):
+        if counts[slot] > 0:
+            j = int(targets.ids[i, k + slot])
+            log_t = targets.sample_logp[i, slot].double() / T - targets.tail_lognorm[i].double()
+            draws += float(counts[slot] / counts.sum()) * float(log_t - (ls[j] - s_tail))
+    return float(kl) + math.exp(teacher[k]) * draws

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PAIRS, assert_same_weights, other_tokenizer_student, write_jsonl
+from helpers import PAIRS, assert_same_weights, other_tokenizer_student, sharpened, write_jsonl
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from aitraining.align import vocabulary_map
@@ -328,19 +328,6 @@ def test_a_teacher_killed_mid_batch_resumes_in_the_same_batches(tiny_student, ti
         a, b = resumed.cache.get(key), whole.cache.get(key)
         for name in ("ids", "logp", "sample_logp", "counts", "tail_logp", "tail_lognorm"):
             assert torch.equal(getattr(a, name), getattr(b, name)), (key, name)
-
-
-def sharpened(teacher: str, folder: Path, factor: float = 8.0) -> str:
-    """A copy of a tiny random teacher whose logits are `factor` times larger: a random model's next-token
-    distribution is nearly uniform, so its KL at T = 1 to any student is too small to show learning."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(teacher)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(factor)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(teacher).save_pretrained(folder)
-    return str(folder)
 
 
 def test_the_student_moves_toward_the_teacher(tiny_student, tiny_teacher, tmp_path):

@@ -9,7 +9,8 @@ import logging
 from pathlib import Path
 
 import pytest
-from helpers import PAIRS, assert_same_weights, other_tokenizer_student, write_jsonl
+import torch
+from helpers import PAIRS, assert_same_weights, other_tokenizer_student, sharpened, write_jsonl
 
 from aitraining.cli import main
 
@@ -187,6 +188,45 @@ def test_eval_command_judges_a_model_and_reuses_the_teachers_answers(tiny_studen
     assert main(args) == 0  # another model, the same teacher and rows: the answers are read back, not rewritten
     assert written.read_text() == before
     assert json.loads(out.read_text())["models"]["model"]["kl_to_teacher"] == pytest.approx(model["kl_to_teacher"])
+
+
+def test_the_judges_kl_is_kl_of_the_teacher_to_the_model_in_float64(tiny_student, tiny_teacher, tmp_path):
+    """`aitraining eval`'s KL is KL(teacher || model) per answer token at T = 1: equal to a float64 computation
+    over the full vocabulary on the teacher's answers, and told apart from KL(model || teacher) (a sharpened
+    teacher makes the two directions differ)."""
+    from transformers import AutoModelForCausalLM
+
+    from aitraining.batches import StudentSettings
+    from aitraining.data.examples import DataSettings
+    from aitraining.judge import TeacherReference
+    from aitraining.params import LLMTrainingParams
+    from aitraining.teacher import TeacherSettings
+
+    teacher = sharpened(tiny_teacher, tmp_path / "sharp", 16.0)
+    data = write_jsonl(tmp_path / "held.jsonl", rows(3))
+    out = tmp_path / "judged" / "eval.json"
+    assert main(["eval", "--model", tiny_student, "--teacher-model", teacher, "--data-path", data,
+                 "--max-new-tokens", "6", "--output", str(out)]) == 0
+    judged = json.loads(out.read_text())["models"]["model"]["kl_to_teacher"]
+    # The rows the judge read (the student's rendering of each prompt and the teacher's answer, read back).
+    params = LLMTrainingParams(model=tiny_student, teacher_model=teacher, data_path=data, use_distillation=True,
+                               project_name=str(tmp_path / "r"), distill_max_teacher_length=6)
+    items = TeacherReference(params.settings(StudentSettings), params.settings(TeacherSettings),
+                             params.settings(DataSettings), str(out.parent / "eval_teacher")).items
+    models = [AutoModelForCausalLM.from_pretrained(m, torch_dtype=torch.float64).eval() for m in (teacher, tiny_student)]
+    forward = reverse = 0.0
+    n = 0
+    for it in items:
+        ids = torch.tensor([it.input_ids])
+        with torch.no_grad():
+            p, q = (torch.log_softmax(m(input_ids=ids).logits[0], -1) for m in models)
+        for t in range(it.n_prompt - 1, len(it.input_ids) - 1):
+            forward += float((p[t].exp() * (p[t] - q[t])).sum())
+            reverse += float((q[t].exp() * (q[t] - p[t])).sum())
+            n += 1
+    assert n == sum(it.n_response for it in items) > 10
+    assert judged == pytest.approx(forward / n, rel=1e-4)
+    assert abs(forward - reverse) / n > 0.2 * forward / n
 
 
 def test_eval_command_names_a_bad_row_or_leaves_it_out(tiny_student, tiny_teacher, tmp_path, capsys, caplog):

@@ -112,13 +112,46 @@ def test_repeated_trigrams_counted_by_hand():
     assert repeated_trigrams("no loop here at all") == 0.0 and repeated_trigrams("two words") == 0.0
 
 
-def test_pictures_are_real_pngs(tmp_path):
-    runs = {"distilled": METRICS, "baseline": [{**m, "kd": 0.0} if "kd" in m else m for m in METRICS]}
+def drawn_figures(monkeypatch) -> list:
+    """The matplotlib figures the pictures save, kept to be read back."""
+    from matplotlib.figure import Figure
+
+    figures, real = [], Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        figures.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return figures
+
+
+def test_pictures_are_pngs_of_the_logged_values(tmp_path, monkeypatch):
+    """The curves hold the logged values (read back from the lines drawn: one per run and panel, at the logged
+    steps; no KD line for a run without a teacher), the bars the judged ones."""
+    figures = drawn_figures(monkeypatch)
+    baseline = [{**m, "kd": 0.0, "loss": m["loss"] + 1, "eval_kl_to_teacher": 9.0} if "kd" in m else
+                {**m, "eval_kl_to_teacher": m["eval_kl_to_teacher"] + 2} for m in METRICS]
+    runs = {"distilled": METRICS, "baseline": baseline}
     assert plots.training_curves(str(tmp_path / "curves.png"), runs) == [str(tmp_path / "curves.png")]
     assert plots.comparison_chart(str(tmp_path / "cmp.png"), RESULT) == [str(tmp_path / "cmp.png")]
     for name in ("curves.png", "cmp.png"):
         data = (tmp_path / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000
+    curves, bars = figures
+    keys = {"training loss": "loss", "distillation term (KD)": "kd", "label term (CE)": "ce",
+            "held-out KL(teacher ‖ student)": "eval_kl_to_teacher", "held-out label loss": "eval_ce"}
+    drawn = {(ax.get_title(), line.get_label()): [tuple(p) for p in line.get_xydata().tolist()]
+             for ax in curves.axes for line in ax.get_lines()}
+    expected = {(title, name): [(r["step"], r[key]) for r in recs if r.get(key) is not None]
+                for title, key in keys.items() for name, recs in runs.items() if not (key == "kd" and name == "baseline")}
+    assert drawn == expected
+    assert drawn[("training loss", "distilled")] == [(5, 6.1), (10, 4.0)]
+    heights = {(ax.get_title(), ax.get_xticklabels()[i].get_text()): bar.get_height()
+               for ax in bars.axes for i, bar in enumerate(ax.patches)}
+    assert heights[("KL(teacher ‖ model), lower is better", "baseline")] == 6.7
+    assert heights[("ROUGE-L vs the teacher's answers", "distilled")] == 0.12
+    assert len(heights) == 12
     assert plots.training_curves(str(tmp_path / "none.png"), {"x": []}) == []
 
 
