@@ -124,3 +124,18 @@ def cached_forward_kl(student_logits: torch.Tensor, targets, i: int, temperature
             log_t = targets.sample_logp[i, slot].double() / T - targets.tail_lognorm[i].double()
             draws += float(counts[slot] / counts.sum()) * float(log_t - (ls[j] - s_tail))
     return float(kl) + math.exp(teacher[k]) * draws
+
+
+def capture_loss_inputs(monkeypatch) -> list:
+    """What the student's loss really receives, batch by batch: (input_ids, attention_mask, n_prompt, teacher)."""
+    batches = []
+    from aitraining.objective import Objective
+
+    real_forward = Objective.forward
+
+    def forward(self, input_ids, attention_mask, n_prompt, teacher=None, weight=1.0, labels_are_own=False):
+        batches.append((input_ids.clone(), attention_mask.clone(), n_prompt.clone(), teacher))
+        return real_forward(self, input_ids, attention_mask, n_prompt, teacher, weight, labels_are_own)
+
+    monkeypatch.setattr(Objective, "forward", forward)
+    return batches

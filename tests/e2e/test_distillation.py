@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PAIRS, assert_same_weights, other_tokenizer_student, sharpened, write_jsonl
+from helpers import PAIRS, assert_same_weights, capture_loss_inputs, other_tokenizer_student, sharpened, write_jsonl
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from aitraining.align import vocabulary_map
@@ -93,19 +93,6 @@ def test_generation_targets_equal_a_scoring_pass_of_the_real_teacher(smol_teache
 
 def _strip_bos(tok, text: str) -> str:
     return text[len(tok.bos_token):] if tok.bos_token and text.startswith(tok.bos_token) else text
-
-
-def capture_loss_inputs(monkeypatch) -> list:
-    """What the student's loss really receives, batch by batch: (input_ids, attention_mask, n_prompt, teacher)."""
-    batches = []
-    real_forward = Objective.forward
-
-    def forward(self, input_ids, attention_mask, n_prompt, teacher=None, weight=1.0, labels_are_own=False):
-        batches.append((input_ids.clone(), attention_mask.clone(), n_prompt.clone(), teacher))
-        return real_forward(self, input_ids, attention_mask, n_prompt, teacher, weight, labels_are_own)
-
-    monkeypatch.setattr(Objective, "forward", forward)
-    return batches
 
 
 def capture_teacher_scoring(monkeypatch) -> list[tuple[list[int], list[int]]]:

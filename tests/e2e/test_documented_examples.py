@@ -13,6 +13,7 @@ from helpers import (
     answer_positions,
     assert_same_weights,
     cached_forward_kl,
+    capture_loss_inputs,
     float64_logits,
     max_weight_change,
     other_tokenizer_student,
@@ -43,19 +44,6 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def recording_the_loss(monkeypatch) -> list[tuple]:
-    """What the loss receives from now on, call by call: (input ids, mask, prompt lengths, teacher targets)."""
-    calls: list[tuple] = []
-    real = Objective.forward
-
-    def forward(self, input_ids, attention_mask, n_prompt, teacher=None, weight=1.0, labels_are_own=False):
-        calls.append((input_ids.clone(), attention_mask.clone(), n_prompt.clone(), teacher))
-        return real(self, input_ids, attention_mask, n_prompt, teacher, weight, labels_are_own)
-
-    monkeypatch.setattr(Objective, "forward", forward)
-    return calls
-
-
 def logged(project: Path) -> list[dict]:
     return [json.loads(line) for line in (project / "metrics.jsonl").read_text().splitlines()]
 
@@ -76,7 +64,7 @@ def first_step(project: Path, calls: list[tuple]) -> tuple[dict, list[tuple]]:
 
 def run_recording_the_first_step(args: list[str], monkeypatch) -> tuple[dict, list[tuple]]:
     """The CLI run in this process, logging every step, in float32 (`first_step`)."""
-    calls = recording_the_loss(monkeypatch)
+    calls = capture_loss_inputs(monkeypatch)
     assert main([*args, "--logging-steps", "1", "--mixed-precision", "no"]) == 0
     return first_step(Path(args[args.index("--project-name") + 1]), calls)
 
@@ -149,7 +137,7 @@ def test_python_api_as_written(tiny_student, brief_teacher, in_tmp, monkeypatch)
         batch_size=4,
         lr=1e-4,
     )
-    calls = recording_the_loss(monkeypatch)
+    calls = capture_loss_inputs(monkeypatch)
     project = AutoTrainProject(params=params, backend="local", process=True)
     folder = project.create()
     assert Path(folder) == in_tmp / "distilled-gemma"
@@ -174,7 +162,6 @@ def test_prompt_templates(tiny_student, tiny_teacher, in_tmp, monkeypatch):
     (inside its chat template), the student trained on its own rendering followed by exactly those answers."""
     from transformers import AutoTokenizer
 
-    from aitraining.objective import Objective
     from aitraining.teacher.engine import Engine
     from autotrain.project import AutoTrainProject
     from autotrain.trainers.clm.params import LLMTrainingParams
