@@ -83,6 +83,8 @@ SERVER_URL = "http://127.0.0.1:8791/v1"
 ARMS.update({
     "ours_k20": ("defaults in a server's form: top-20, no tail samples (the in-process teacher)",
                  (*DISTILL, "--distill-top-k", "20", "--distill-tail-samples", "0")),
+    "ours_k20_t1": ("a server's form at T = 1: top-20, no tail samples, --distill-temperature 1",
+                    (*DISTILL, "--distill-top-k", "20", "--distill-tail-samples", "0", "--distill-temperature", "1")),
     "ours_server": ("the teacher served by llama-cpp-python (its Q4_1 GGUF), top-20 (--teacher-source server)",
                     (*DISTILL, "--teacher-source", "server", "--teacher-url", SERVER_URL, "--distill-top-k", "20")),
 })
