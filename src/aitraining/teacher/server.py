@@ -326,6 +326,7 @@ class ServerEngine(TeacherText):
             raise ServerError(f"the teacher server {self.client.url} gave no log-probs at a position of row "
                               f"{self._row(prompt)}; serve it with log-probs of the prompt")
         keys, values = list(entry), [float(v) for v in entry.values()]
+        given, raised = list(values), []
         for r, key in enumerate(keys[:-1]):
             if key in self.shared_texts and values[r] < values[r + 1]:
                 # Several tokens read as this text: the key stands where the most likely of them ranks, with the
@@ -333,6 +334,16 @@ class ServerEngine(TeacherText):
                 # at least the one below, and no more than what the others leave.
                 rest = math.log(max(1.0 - sum(math.exp(v) for j, v in enumerate(values) if j != r), 1e-12))
                 values[r] = min(values[r - 1] if r else 0.0, max(rest, values[r + 1]))
+                raised.append(r)
+        # Two such keys' bounds can claim more than the whole together (the first took what the others left, the
+        # second its rank): the lower-ranked give back first, never below what the server gave them.
+        excess = sum(math.exp(v) for v in values) - 1.0
+        for r in reversed(raised):
+            if excess <= 0.0:
+                break
+            back = min(excess, math.exp(values[r]) - math.exp(given[r]))
+            values[r] = math.log(max(math.exp(values[r]) - back, 1e-300))
+            excess -= back
         read = [(self._id_of(key), value) for key, value in zip(keys, values, strict=True)]
         if len(entry) < min(asked, self.vocab) and not any(key in self.shared_texts for key in entry):
             raise ServerError(f"the teacher server {self.client.url} returned {len(entry)} log-probs where {asked} "
