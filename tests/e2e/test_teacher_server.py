@@ -218,9 +218,12 @@ def test_a_stalling_or_busy_server_is_retried(bundled_gguf, tokenizer, proxy, qu
 
 
 def test_a_failing_server_stops_the_run_with_one_line_and_keeps_what_came(tiny_student, bundled_gguf, proxy,
-                                                                          tmp_path, quick_retries, capsys):
+                                                                          tmp_path, quick_retries, capsys, monkeypatch):
     """The third row's scoring stalls at every attempt: the run ends with one line naming the server (exit 2), and
-    the answers and the two rows scored before it are on disk for the next run."""
+    the answers and the two rows scored before it are on disk for the next run. The timeout leaves a loaded
+    machine time to score the others (an echo with log-probs took over 2.5 s with the suite and a benchmark on
+    two cores); one retry."""
+    monkeypatch.setattr(server_mod, "RETRIES", 1)
     rows: list[str] = []
 
     def third_row(n: int, path: str, body: dict[str, Any]) -> Any:
@@ -228,11 +231,11 @@ def test_a_failing_server_stops_the_run_with_one_line_and_keeps_what_came(tiny_s
             return None
         if body["prompt"] not in rows:
             rows.append(body["prompt"])
-        return ("stall", 4.0) if rows.index(body["prompt"]) >= 2 else None
+        return ("stall", 10.0) if rows.index(body["prompt"]) >= 2 else None
 
     proxy.fault = third_row
     project = tmp_path / "run"
-    assert distill(tiny_student, bundled_gguf, prompts(tmp_path, 3), project, proxy.url, "--teacher-timeout", "2.5",
+    assert distill(tiny_student, bundled_gguf, prompts(tmp_path, 3), project, proxy.url, "--teacher-timeout", "6",
                    "--teacher-concurrency", "1") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("aitraining: error: the teacher server " + proxy.url) and "did not answer" in err, err
