@@ -85,8 +85,12 @@ ARMS.update({
                  (*DISTILL, "--distill-top-k", "20", "--distill-tail-samples", "0")),
     "ours_k20_t1": ("a server's form at T = 1: top-20, no tail samples, --distill-temperature 1",
                     (*DISTILL, "--distill-top-k", "20", "--distill-tail-samples", "0", "--distill-temperature", "1")),
-    "ours_server": ("the teacher served by llama-cpp-python (its Q4_1 GGUF), top-20 (--teacher-source server)",
-                    (*DISTILL, "--teacher-source", "server", "--teacher-url", SERVER_URL, "--distill-top-k", "20")),
+    "ours_server": ("the teacher served by llama-cpp-python (its Q4_1 GGUF), top-20, at the documented T = 3",
+                    (*DISTILL, "--teacher-source", "server", "--teacher-url", SERVER_URL, "--distill-top-k", "20",
+                     "--distill-temperature", "3")),
+    "ours_server_t1": ("the served teacher at T = 1 (a server's default)",
+                       (*DISTILL, "--teacher-source", "server", "--teacher-url", SERVER_URL, "--distill-top-k", "20",
+                        "--distill-temperature", "1")),
 })
 DEFAULT_ARMS = ("baseline", "dense", "ours", "topk64")
 
@@ -391,8 +395,9 @@ def setup(args: argparse.Namespace) -> tuple[Path, str, str, list[str], list[str
 
 def served_teacher(args: argparse.Namespace, work: Path, student: str, teacher: str, data: str) -> Any:
     """The bundled GGUF served by llama-cpp-python at SERVER_URL (all cores), if the server arm has runs to make."""
-    if "ours_server" not in args.arms or args.only_finished or all(
-            finished("ours_server", seed, student, teacher, data, work, args) for seed in args.seeds):
+    served = [arm for arm in args.arms if arm.startswith("ours_server")]
+    if not served or args.only_finished or all(
+            finished(arm, seed, student, teacher, data, work, args) for arm in served for seed in args.seeds):
         return None
     sys.path.insert(0, str(HERE.parent / "tests" / "e2e"))
     from teacher_server import LlamaServer

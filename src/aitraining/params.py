@@ -143,7 +143,7 @@ class LLMTrainingParams(BaseModel):
     # Distillation
     use_distillation: bool = _f(False, "Distillation", "Enable distillation from --teacher-model")
     teacher_model: str | None = _f(None, "Distillation", "Teacher: a local folder, a .gguf file or a hub id")
-    distill_temperature: float = _f(3.0, "Distillation", "Softmax temperature (2.0-4.0 recommended)", gt=0.0, allow_inf_nan=False)
+    distill_temperature: float = _f(3.0, "Distillation", "Softmax temperature (2.0-4.0 recommended; 1.0 with --teacher-source server unless given)", gt=0.0, allow_inf_nan=False)
     distill_alpha: float = _f(0.7, "Distillation", "Weight of the distillation loss (1 - alpha on the label loss)", ge=0.0, le=1.0, allow_inf_nan=False)
     distill_max_teacher_length: int = _f(512, "Distillation", "Max response tokens the teacher writes and scores", ge=1)
     teacher_prompt_template: str | None = _f(None, "Distillation", "Template of teacher prompts; {input} = prompt")
@@ -242,6 +242,11 @@ class LLMTrainingParams(BaseModel):
                             "http://localhost:8000/v1")
         if self.teacher_url and self.teacher_source != "server":
             raise UserError("--teacher-url is only read with --teacher-source server; add it, or drop --teacher-url")
+        if self.teacher_source == "server" and "distill_temperature" not in self.model_fields_set:
+            # A server gives its top-k at T = 1 and only the mass of the rest, not its tempered mass: at the
+            # documented T = 3 the student learned less than without distillation (BENCHMARKS.md, "The teacher
+            # behind a server"), at T = 1 close to the in-process cache. A temperature given is kept (with a warning).
+            self.distill_temperature = 1.0
         if self.teacher_source == "server" and self.distill_on_policy > 0:
             raise UserError("--distill-on-policy needs the teacher's exact distribution on the student's own answers, "
                             "which a server's top-k does not give; drop one of --distill-on-policy and "

@@ -136,11 +136,12 @@ def _advise(params: LLMTrainingParams, student: Any) -> None:
         )
     served = params.teacher_source == "server"  # no tail samples (teacher/__init__.py)
     if served and params.distill_temperature != 1.0:
-        # A server returns its top-k at T = 1 and nothing of the rest but its mass (BENCHMARKS.md, "The teacher
-        # behind a server": KL 0.98x the no-distillation student's at T = 3, 0.86x at T = 1, seed 0).
-        log.warning("--distill-temperature %g with a server teacher: the rest of its distribution beyond the top %d "
-                    "is one bucket, which a temperature spreads over the student's tokens unseen; "
-                    "--distill-temperature 1 learned more from it", params.distill_temperature, params.distill_top_k)
+        # A server returns its top-k at T = 1 and of the rest only its mass, not its tempered mass (BENCHMARKS.md,
+        # "The teacher behind a server": at T = 3 the student ended farther from the teacher than without distillation).
+        log.warning("--distill-temperature %g with a server teacher: beyond its top %d the server gives only the mass "
+                    "of the rest, whose share at this temperature is a guess; at T = 3 a student learned less than "
+                    "without distillation; leave --distill-temperature out (1 with a server)",
+                    params.distill_temperature, params.distill_top_k)
     elif not 2.0 <= params.distill_temperature <= 4.0 and not served:
         log.warning("--distill-temperature %g is outside the recommended 2.0-4.0", params.distill_temperature)
     if params.distill_alpha == 0.0:

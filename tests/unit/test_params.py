@@ -461,3 +461,25 @@ def test_every_field_is_documented_and_grouped(field: str) -> None:
 def test_flag_spelling() -> None:
     assert flag("distill_alpha") == "--distill-alpha"
     assert flag("lr") == "--lr"
+
+
+def test_a_server_teacher_distills_at_t1_unless_a_temperature_is_given(tiny_model_factory, caplog) -> None:
+    """A server gives its top-k and only the mass of the rest: with --teacher-source server and no temperature the
+    run uses T = 1; a temperature given is kept, with the measured warning; other sources keep the documented 3.0."""
+    from transformers import AutoModelForCausalLM
+
+    from aitraining.train import _advise
+
+    server = dict(model="m", data_path="d", teacher_model="t", use_distillation=True, teacher_source="server",
+                  teacher_url="http://127.0.0.1:9/v1")
+    assert LLMTrainingParams(**server).distill_temperature == 1.0
+    assert LLMTrainingParams(**server, distill_temperature=3.0).distill_temperature == 3.0
+    assert LLMTrainingParams(model="m", data_path="d", teacher_model="t", use_distillation=True).distill_temperature == 3.0
+    teacher = tiny_model_factory(n_layers=1, seed=5)
+    student = AutoModelForCausalLM.from_pretrained(tiny_model_factory(n_layers=1, seed=6))
+    caplog.set_level("WARNING", logger="aitraining")
+    _advise(LLMTrainingParams(**{**server, "teacher_model": teacher}, distill_temperature=3.0), student)
+    assert "--distill-temperature 3 with a server teacher" in caplog.text and "outside the recommended" not in caplog.text
+    caplog.clear()
+    _advise(LLMTrainingParams(**{**server, "teacher_model": teacher}), student)
+    assert "server teacher" not in caplog.text and "outside the recommended" not in caplog.text
