@@ -100,6 +100,23 @@ def answer_positions(attention_mask: torch.Tensor, n_prompt: torch.Tensor) -> li
     return out
 
 
+def kl_and_ce_on_answers(teacher: str, model: str, call: tuple) -> tuple[float, float]:
+    """Per answer position of one recorded loss call (`capture_loss_inputs`), in float64 over the full vocabulary:
+    the mean KL(teacher || model) at T = 1 and the model's mean label loss."""
+    input_ids, mask, n_prompt = call[:3]
+    p = torch.log_softmax(float64_logits(teacher, input_ids, mask), -1)
+    q = torch.log_softmax(float64_logits(model, input_ids, mask), -1)
+    positions = answer_positions(mask, n_prompt)
+    kl = sum(float((p[r, t].exp() * (p[r, t] - q[r, t])).sum()) for r, t in positions)
+    ce = -sum(float(q[r, t, input_ids[r, t + 1]]) for r, t in positions)
+    return kl / len(positions), ce / len(positions)
+
+
+def metrics(project: str | os.PathLike) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(project) / "metrics.jsonl").read_text().splitlines()]
+
+
 def cached_forward_kl(student_logits: torch.Tensor, targets, i: int, temperature: float) -> float:
     """The cached signal's forward KL at one position, by its definition (signal.py, Note [Teacher signal]), in
     float64 and one term at a time: KL over the k head ids and the tail as one bucket (teacher and student at T),

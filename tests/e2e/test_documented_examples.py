@@ -15,7 +15,9 @@ from helpers import (
     cached_forward_kl,
     capture_loss_inputs,
     float64_logits,
+    kl_and_ce_on_answers,
     max_weight_change,
+    metrics,
     other_tokenizer_student,
     sharpened,
     write_jsonl,
@@ -44,14 +46,10 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def logged(project: Path) -> list[dict]:
-    return [json.loads(line) for line in (project / "metrics.jsonl").read_text().splitlines()]
-
-
 def first_step(project: Path, calls: list[tuple]) -> tuple[dict, list[tuple]]:
     """The first step's record of metrics.jsonl and the loss's calls of that step (as many answer positions as
     the record counts)."""
-    first = next(r for r in logged(project) if r.get("step") == 1 and "loss" in r)
+    first = next(r for r in metrics(project) if r.get("step") == 1 and "loss" in r)
     step, seen = [], 0
     for call in calls:
         if seen == first["tokens"]:
@@ -142,19 +140,12 @@ def test_python_api_as_written(tiny_student, brief_teacher, in_tmp, monkeypatch)
     folder = project.create()
     assert Path(folder) == in_tmp / "distilled-gemma"
     assert json.loads((in_tmp / "distilled-gemma" / "run.json").read_text())["status"] == "finished"
-    last = [r for r in logged(Path(folder)) if "loss" in r][-1]
+    last = [r for r in metrics(Path(folder)) if "loss" in r][-1]
     assert last["step"] == 5 and last["epoch"] == 5 and last["kd"] > 0
     answers = [json.loads(line) for line in (Path(folder) / "teacher_outputs.jsonl").read_text().splitlines()]
     assert len(answers) == 3 and all(0 < len(a["response_ids"]) < 512 for a in answers)
-    input_ids, mask, n_prompt, _ = calls[0]
-    teacher = torch.log_softmax(float64_logits(brief_teacher, input_ids, mask), -1)
-
-    def kl(model: str) -> float:
-        q = torch.log_softmax(float64_logits(model, input_ids, mask), -1)
-        return sum(float((teacher[r, t].exp() * (teacher[r, t] - q[r, t])).sum())
-                   for r, t in answer_positions(mask, n_prompt))
-
-    assert kl(folder) < kl(tiny_student)
+    assert kl_and_ce_on_answers(brief_teacher, folder, calls[0])[0] < kl_and_ce_on_answers(brief_teacher, tiny_student,
+                                                                                              calls[0])[0]
 
 
 def test_prompt_templates(tiny_student, tiny_teacher, in_tmp, monkeypatch):
@@ -292,7 +283,7 @@ def test_api_assistant_with_lora(tiny_student, brief_teacher, in_tmp):
     )
     folder = AutoTrainProject(params=params, backend="local", process=True).create()
     assert json.loads((Path(folder) / "adapter_config.json").read_text())["r"] == 32
-    last = [r for r in logged(Path(folder)) if "loss" in r][-1]
+    last = [r for r in metrics(Path(folder)) if "loss" in r][-1]
     assert last["step"] == 10 and last["kd"] > 0
     adapter = load_file(str(Path(folder) / "adapter_model.safetensors"))
     b = [v for k, v in adapter.items() if "lora_B" in k]
@@ -305,20 +296,11 @@ def test_comparison_without_and_with_distillation(tiny_student, tiny_teacher, in
     one (float64 KL(teacher || model) on the rows they trained on), and the standard one learned its data."""
     assert main(["llm", "--train", "--model", tiny_student, "--data-path", "./data.jsonl",
                  "--project-name", "standard-model", "--mixed-precision", "no"]) == 0
-    first, step = run_recording_the_first_step(
+    _, step = run_recording_the_first_step(
         ["llm", "--train", "--model", tiny_student, "--teacher-model", tiny_teacher, "--data-path", "./data.jsonl",
          "--project-name", "distilled-model", "--use-distillation"], monkeypatch)
-    input_ids, mask, n_prompt, _ = step[0]
-    teacher = torch.log_softmax(float64_logits(tiny_teacher, input_ids, mask), -1)
-    positions = answer_positions(mask, n_prompt)
-
-    def kl_and_ce(model: str) -> tuple[float, float]:
-        q = torch.log_softmax(float64_logits(model, input_ids, mask), -1)
-        kl = sum(float((teacher[r, t].exp() * (teacher[r, t] - q[r, t])).sum()) for r, t in positions)
-        ce = -sum(float(q[r, t, input_ids[r, t + 1]]) for r, t in positions)
-        return kl / len(positions), ce / len(positions)
-
-    untrained, standard, distilled = (kl_and_ce(m) for m in (tiny_student, "standard-model", "distilled-model"))
+    untrained, standard, distilled = (kl_and_ce_on_answers(tiny_teacher, m, step[0])
+                                      for m in (tiny_student, "standard-model", "distilled-model"))
     assert distilled[0] < standard[0] and distilled[0] < untrained[0]
     assert standard[1] < untrained[1]
     for name in ("standard-model", "distilled-model"):

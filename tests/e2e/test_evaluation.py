@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PAIRS, assert_same_weights, other_tokenizer_student, sharpened, write_jsonl
+from helpers import PAIRS, assert_same_weights, metrics, other_tokenizer_student, sharpened, write_jsonl
 
 from aitraining.cli import main
 
@@ -29,10 +29,6 @@ def distill(student: str, teacher: str, data: str, project: Path, *extra: str) -
                  "--project-name", str(project), "--use-distillation", "--distill-max-teacher-length", "8",
                  "--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--seed", "3", "--mixed-precision", "no",
                  "--logging-steps", "1", *extra])
-
-
-def metrics(project: Path) -> list[dict]:
-    return [json.loads(x) for x in (project / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_rows_are_held_out_by_default_and_evaluated_every_n_steps(tiny_student, tiny_teacher, tmp_path, caplog):
