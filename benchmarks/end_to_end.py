@@ -40,7 +40,7 @@ TEMPERATURE, ALPHA, LR, BATCH = 3.0, 0.7, 1e-4, 8
 def make_models(work: Path, quick: bool) -> tuple[str, str]:
     """(teacher, student) folders: the bundled teacher and an 8-layer cut of it, or two tiny Llamas."""
     if quick:
-        return tiny_models(work)
+        return tiny_models()
     teacher = bundled_teacher_folder()
     return teacher, pruned_student(teacher, work / "student", layers="even")
 

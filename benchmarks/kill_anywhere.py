@@ -222,7 +222,7 @@ def main() -> None:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    models = tiny_models(work)
+    models = tiny_models()
     n_rows = QUICK_ROWS if args.quick else ROWS
     prompts = [json.loads(x)["text"] for x in PROMPTS.read_text(encoding="utf-8").splitlines() if x.strip()][:n_rows]
     data = work / "prompts.jsonl"

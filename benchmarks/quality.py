@@ -383,7 +383,7 @@ def setup(args: argparse.Namespace) -> tuple[Path, str, str, list[str], list[str
         work = work / "quick"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        teacher, student = tiny_models(work)
+        teacher, student = tiny_models()
         args.epochs, args.max_new_tokens, args.seeds = 1, 8, args.seeds[:1]
         return work, teacher, student, read_prompts(TRAIN_PROMPTS)[:12], read_prompts(HELDOUT_PROMPTS)[-6:]
     work.mkdir(parents=True, exist_ok=True)

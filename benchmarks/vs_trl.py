@@ -159,7 +159,7 @@ def main() -> None:
     work = Path(args.work) / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
     if args.quick:
-        teacher, student = tiny_models(work)
+        teacher, student = tiny_models()
         args.prompts, args.epochs, args.max_new_tokens = 8, 1, 8
         heldout_prompts = read_prompts(HELDOUT_PROMPTS)[-4:]
     else:

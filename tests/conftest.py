@@ -28,6 +28,40 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under `make test`'s two workers, the tests marked `slow` (tens of seconds each) run first on each worker.
+
+    xdist's work stealing hands each worker a contiguous half of the collection and later moves the end of the
+    busier worker's queue to the idle one; a slow test left at the end of a half keeps one worker busy while the
+    other has nothing to do. So the slow ones are dealt in turn to the front of the two halves, the rest keep their
+    order behind them. A module whose tests share one module-scoped server (marked slow as a whole) moves as one
+    block, so that only one worker starts that server. The order is the same in every worker, as xdist requires.
+    """
+    workers = int(getattr(config, "workerinput", {}).get("workercount") or getattr(config.option, "numprocesses", 0) or 0)
+    if workers < 2:
+        return
+    blocks: dict[Any, list[pytest.Item]] = {}
+    for item in items:
+        key = item.module if _marked_slow(item.module) else item if item.get_closest_marker("slow") else None
+        blocks.setdefault(key, []).append(item)
+    fast = blocks.pop(None, [])
+    fronts: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    for block in sorted(blocks.values(), key=len, reverse=True):
+        min(fronts, key=len).extend(block)
+    share = len(items) // workers
+    order: list[pytest.Item] = []
+    for front in fronts:
+        take = max(0, share - len(front))
+        order += front + fast[:take]
+        fast = fast[take:]
+    items[:] = order + fast
+
+
+def _marked_slow(module: Any) -> bool:
+    marks = getattr(module, "pytestmark", [])
+    return any(getattr(m, "name", None) == "slow" for m in (marks if isinstance(marks, list) else [marks]))
+
+
 def _cache_root() -> Path:
     """Folder holding cross-session test caches."""
     override = os.environ.get("AITRAINING_TEST_CACHE")

@@ -168,6 +168,7 @@ def test_what_the_teacher_scored_is_what_the_student_trained_on(tiny_teacher, ti
     assert trained == set(responses)
 
 
+@pytest.mark.slow
 def test_teacher_runs_once_whatever_the_epochs_and_is_reused(tiny_student, tiny_teacher, prompts_file, tmp_path, monkeypatch,
                                                             capfd):
     calls = {"generate": 0, "score": 0, "load": 0}
@@ -345,6 +346,7 @@ def test_the_student_moves_toward_the_teacher(tiny_student, tiny_teacher, tmp_pa
     assert after["kl_to_teacher"] < 0.65 * before["kl_to_teacher"]
 
 
+@pytest.mark.slow
 def test_on_policy_steps_train_on_the_students_own_answers_and_resume_to_the_same_weights(
     tiny_student, tiny_teacher, pairs_file, tmp_path, monkeypatch
 ):
@@ -458,6 +460,7 @@ def _other_tokenizer_student(real_tokenizers, folder: Path) -> str:
     return other_tokenizer_student(real_tokenizers["llama-spm"], folder)
 
 
+@pytest.mark.slow
 def test_a_teacher_with_another_tokenizer_is_distilled_across_vocabularies(real_tokenizers, tiny_teacher, tmp_path, caplog):
     """Another tokenizer is detected from the tokenizers, the run says which path it takes and why (and the model
     card and run file keep it), and the cross-vocabulary loss teaches: with the whole teacher distribution cached
@@ -575,6 +578,7 @@ def test_a_live_teacher_with_another_tokenizer_is_a_clear_error(real_tokenizers,
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_bundled_teacher_prune_then_distill(bundled_gguf, smol_teacher_dir, real_data, tmp_path):
     """The real thing, small, at the defaults (the cached signal): an 8-layer student cut from the bundled
     SmolLM2 teacher, distilled from the GGUF file itself on 8 real prompts, ends closer to its teacher on 3 held-out

@@ -95,6 +95,7 @@ def test_quick_start(tiny_student, tiny_teacher, in_tmp, monkeypatch):
     AutoModelForCausalLM.from_pretrained(in_tmp / "distilled-model")
 
 
+@pytest.mark.slow
 def test_quick_start_across_tokenizer_families(bundled_gguf, real_tokenizers, in_tmp):
     """The documented pairs cross tokenizer families (Gemma-3 from Gemma-2 or Llama): the Quick Start as written,
     with the bundled teacher as a .gguf file (SmolLM2, byte-level BPE) and a student folder with Llama 2's
@@ -215,6 +216,7 @@ def test_temperature_tuning(tiny_student, tiny_teacher, in_tmp, monkeypatch, tem
     assert first["loss"] == pytest.approx(loss, rel=1e-4) and first["kd"] == pytest.approx(kl, rel=1e-4, abs=2e-6)
 
 
+@pytest.mark.slow
 def test_alpha_reaches_the_loss(tiny_student, tiny_teacher, tmp_path):
     """Alpha as documented: 0.0 is the standard loss only (step for step the weights of fine-tuning without a
     teacher), 0.7 (the default) is not, and it leaves the student closer to the teacher on held-out rows than

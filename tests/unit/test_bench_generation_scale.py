@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH = REPO_ROOT / "benchmarks"
 
@@ -34,6 +36,7 @@ def _run_quick(script: str, out: Path) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+@pytest.mark.slow
 def test_teacher_generation_quick_writes_complete_results(tmp_path: Path) -> None:
     out = tmp_path / "teacher_generation.json"
     proc = _run_quick("teacher_generation.py", out)
@@ -70,6 +73,7 @@ def test_teacher_generation_quick_writes_complete_results(tmp_path: Path) -> Non
     assert data["notes"]
 
 
+@pytest.mark.slow
 def test_scale_quick_writes_complete_results(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
     proc = _run_quick("scale.py", out)
