@@ -89,7 +89,8 @@ class Prepared:
 class Fitted:
     model: Any
     last: dict[str, Any]
-    train_s: float
+    train_s: float  # the whole loop, held-out evaluation included
+    eval_s: float = 0.0  # of which held-out evaluation
 
 
 def fit(model: Any, data: Prepared, settings: LoopSettings, folder: RunFolder, accelerator: Any, *,
@@ -213,7 +214,7 @@ def fit(model: Any, data: Prepared, settings: LoopSettings, folder: RunFolder, a
     bar.close()
     if settings.log != "none":
         accelerator.end_training()
-    return Fitted(student, last, round(time.time() - started, 2))
+    return Fitted(student, last, round(time.time() - started, 2), round(evaluation.seconds, 2))
 
 
 def _diverged(step: int, value: float, folder: RunFolder, what: str = "loss") -> str:
@@ -230,10 +231,12 @@ class _Evaluation:
     def __init__(self, data: Prepared, settings: LoopSettings, folder: RunFolder, accelerator: Any) -> None:
         self.items = data.valid_items[: settings.eval_max_rows]
         self.data, self.settings, self.folder, self.accelerator = data, settings, folder, accelerator
+        self.seconds = 0.0  # spent evaluating, for the run's time split
 
     def __call__(self, model: Any, *, step: int, epoch: float) -> dict[str, Any]:
         if not self.items:
             return {}
+        started = time.time()
         def batches() -> Iterator[tuple[dict[str, torch.Tensor], Targets | None]]:
             for s in range(0, len(self.items), self.settings.batch_size):
                 rows = self.items[s : s + self.settings.batch_size]
@@ -242,6 +245,7 @@ class _Evaluation:
 
         ev = response_metrics(model, batches(), chunk_size=self.settings.loss_chunk_size or 512)
         self.folder.log_metrics({"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in ev.items()}}, self.accelerator)
+        self.seconds += time.time() - started
         return ev
 
 

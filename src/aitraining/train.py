@@ -271,6 +271,7 @@ def finish(fitted: Fitted, data: Prepared, record: dict[str, Any], folder: RunFo
         if data.source is not None:
             final.update(data.source.facts())
         final["train_s"] = fitted.train_s
+        final["eval_s"] = fitted.eval_s
         final.update(data.timings)
         final["total_s"] = round(time.time() - run_started, 2)
         described = data.path.describe() if data.path is not None else None

@@ -40,6 +40,8 @@ def test_rows_are_held_out_by_default_and_evaluated_every_n_steps(tiny_student, 
     assert "held out for evaluation: 2 of 40 rows (5%, drawn with --seed 3)" in caplog.text
     run = json.loads((project / "run.json").read_text())
     assert run["final_metrics"]["step"] == 10  # 38 training rows, batch 4
+    # The time split names what the five evaluations cost, inside the loop's time.
+    assert 0 < run["final_metrics"]["eval_s"] < run["final_metrics"]["train_s"]
     evals = [m for m in metrics(project) if "eval_kl_to_teacher" in m]
     assert [m["step"] for m in evals] == [0, 3, 6, 9, 10]  # before, every 3 steps, after the epoch
     assert all(m["eval_n_tokens"] <= 8 for m in evals)  # one row of at most 8 answer tokens (--eval-max-rows 1)
@@ -52,7 +54,8 @@ def test_rows_are_held_out_by_default_and_evaluated_every_n_steps(tiny_student, 
     # --holdout-share 0 trains on every row; the same seed holds out the same rows.
     whole = tmp_path / "whole"
     assert distill(tiny_student, tiny_teacher, data, whole, "--holdout-share", "0") == 0
-    assert json.loads((whole / "run.json").read_text())["final_metrics"]["step"] == 10  # 40 rows, batch 4
+    final = json.loads((whole / "run.json").read_text())["final_metrics"]
+    assert final["step"] == 10 and final["eval_s"] == 0  # 40 rows, batch 4, nothing evaluated
     assert not [m for m in metrics(whole) if "eval_ce" in m]
 
 
