@@ -579,23 +579,22 @@ def test_a_live_teacher_with_another_tokenizer_is_a_clear_error(real_tokenizers,
 
 
 @pytest.mark.slow
-def test_bundled_teacher_prune_then_distill(bundled_gguf, smol_teacher_dir, real_data, tmp_path):
+def test_bundled_teacher_prune_then_distill(smol_teacher_dir, real_data, tmp_path):
     """The real thing, small, at the defaults (the cached signal): an 8-layer student cut from the bundled
-    SmolLM2 teacher, distilled from the GGUF file itself on 8 real prompts, ends closer to its teacher on 3 held-out
-    ones (exact KL at T = 1, the float32 teacher: the same weights as a folder, which loads without the GGUF's
-    reading and dequantizing) than it started."""
+    SmolLM2 teacher, distilled from it on 8 real prompts, ends closer to its teacher on 3 held-out ones (exact KL at
+    T = 1) than it started. The teacher is its weights as a float32 folder: the GGUF file itself as --teacher-model
+    is test_quick_start_across_tokenizer_families' (reading and dequantizing it costs about 10 s a run)."""
     from transformers import AutoModelForCausalLM
 
     from aitraining.judge import TeacherReference
 
     student = tmp_path / "student"
-    # Cut from the same weights as a folder (the GGUF's reading costs seconds; the teacher below is the GGUF), evenly
-    # spaced: measuring which layers to keep takes minutes on a CPU (tests/unit/test_models.py tests it).
+    # Evenly spaced: measuring which layers to keep takes minutes on a CPU (tests/unit/test_models.py tests it).
     assert main(["prune", "--model", smol_teacher_dir, "--num-layers", "8", "--layers", "even", "--output", str(student)]) == 0
     lines = (real_data / "self_instruct_seed_prompts.jsonl").read_text().splitlines()
     data = write_jsonl(tmp_path / "real.jsonl", [json.loads(x) for x in lines[:8]])
     project = tmp_path / "smol-distilled"
-    assert main(["llm", "--train", "--model", str(student), "--teacher-model", bundled_gguf, "--data-path", data,
+    assert main(["llm", "--train", "--model", str(student), "--teacher-model", smol_teacher_dir, "--data-path", data,
                  "--project-name", str(project), "--use-distillation", "--distill-max-teacher-length", "24",
                  "--epochs", "2", "--batch-size", "4", "--lr", "3e-4", "--logging-steps", "1"]) == 0
     outputs = [json.loads(x) for x in (project / "teacher_outputs.jsonl").read_text().splitlines()]
