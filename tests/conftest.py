@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _setup import built_once, file_key  # noqa: E402  (the one folder-cache helper, shared with the benchmarks)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -37,7 +40,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     order behind them. A module whose tests share one module-scoped server (marked slow as a whole) moves as one
     block, so that only one worker starts that server. The order is the same in every worker, as xdist requires.
     """
-    workers = int(getattr(config, "workerinput", {}).get("workercount") or getattr(config.option, "numprocesses", 0) or 0)
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)  # only xdist's workers collect under -n
     if workers < 2:
         return
     blocks: dict[Any, list[pytest.Item]] = {}
@@ -68,39 +71,9 @@ def _cache_root() -> Path:
     return Path(override) if override else Path.home() / ".cache" / "aitraining-tests"
 
 
-def _gguf_key(gguf: str) -> str:
-    """Cache key that changes whenever the bundled gguf file is replaced."""
-    stat = os.stat(gguf)
-    return f"{stat.st_size}-{int(stat.st_mtime)}"
-
-
 def _cached_build(name: str, gguf: str, build: Callable[[Path], None]) -> Path:
-    """Return ``<cache>/<name>/<key>``, building it with ``build(folder)`` first when missing.
-
-    The build writes into a scratch folder that is renamed into place, so an interrupted run or two runs
-    racing each other never leave a half-written cache behind.
-    """
-    parent = _cache_root() / name
-    final = parent / _gguf_key(gguf)
-    if (final / ".complete").is_file():
-        return final
-    parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=parent))
-    scratch.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary shared folder
-    try:
-        build(scratch)
-        (scratch / ".complete").write_text("ok\n", encoding="utf-8")
-        if final.exists():
-            # A stale or incomplete entry from an earlier run; the fresh build replaces it.
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            scratch.rename(final)
-        except OSError:
-            if not (final / ".complete").is_file():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return final
+    """``<cache>/<name>/<key of the gguf>``, built with ``build(folder)`` first when missing (`built_once`)."""
+    return built_once(_cache_root() / name / file_key(gguf), build)
 
 
 @pytest.fixture(scope="session")

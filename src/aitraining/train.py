@@ -134,15 +134,16 @@ def _advise(params: LLMTrainingParams, student: Any) -> None:
             "the teacher has %.1fx the student's parameters (%s vs %s); distillation works best with a teacher "
             "4x or more larger", teacher_n / student_n, f"{teacher_n:,}", f"{student_n:,}",
         )
-    served = params.teacher_source == "server"  # no tail samples (teacher/__init__.py)
-    if served and params.distill_temperature != 1.0:
-        # A server returns its top-k at T = 1 and of the rest only its mass, not its tempered mass (BENCHMARKS.md,
-        # "The teacher behind a server": at T = 3 the student ended farther from the teacher than without distillation).
-        log.warning("--distill-temperature %g with a server teacher: beyond its top %d the server gives only the mass "
-                    "of the rest, whose share at this temperature is a guess; at T = 3 a student learned less than "
-                    "without distillation; leave --distill-temperature out (1 with a server)",
-                    params.distill_temperature, params.distill_top_k)
-    elif not 2.0 <= params.distill_temperature <= 4.0 and not served:
+    if params.teacher_source == "server":  # no tail samples (teacher/__init__.py)
+        if params.distill_temperature != 1.0:
+            # A server returns its top-k at T = 1 and of the rest only its mass, not its tempered mass (BENCHMARKS.md,
+            # "The teacher behind a server": at T = 3 the student ended farther from the teacher than without
+            # distillation).
+            log.warning("--distill-temperature %g with a server teacher: beyond its top %d the server gives only the "
+                        "mass of the rest, whose share at this temperature is a guess; at T = 3 a student learned less "
+                        "than without distillation; leave --distill-temperature out (1 with a server)",
+                        params.distill_temperature, params.distill_top_k)
+    elif not 2.0 <= params.distill_temperature <= 4.0:
         log.warning("--distill-temperature %g is outside the recommended 2.0-4.0", params.distill_temperature)
     if params.distill_alpha == 0.0:
         log.warning("--distill-alpha 0: only the label loss is used, the teacher's distribution is ignored")

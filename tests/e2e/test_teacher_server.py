@@ -182,7 +182,7 @@ def test_a_killed_server_restarted_resumes_without_asking_twice(keyed_run, tiny_
         assert "teacher server" in err and proxy.url in err and "Traceback" not in err
         assert len(cached(project)) == 1  # what it answered before is kept
         proxy.fault = lambda n, path, body: None
-        proxy.target = llama_server.url.rstrip("/")
+        proxy.target = llama_server.url
         assert distill(tiny_student, bundled_gguf, data, project, proxy.url) == 0
     finally:
         own.stop()
