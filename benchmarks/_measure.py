@@ -18,7 +18,6 @@ leaks into what is measured, and later benchmarks may not need torch at all.
 
 from __future__ import annotations
 
-import ctypes
 import datetime as _dt
 import json
 import math
@@ -36,6 +35,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from aitraining.heap import return_freed_memory
 
 KIB_PER_MIB = 1024
 
@@ -78,24 +79,6 @@ def peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
-def release_free_memory() -> bool:
-    """Hand memory that the C allocator holds but no object uses back to the OS (glibc ``malloc_trim``).
-
-    Blocks below glibc's mmap threshold come from the heap and stay resident after a free. Without a trim,
-    what a setup step freed would sit in the baseline RSS and then be reused by the code under test, whose
-    peak would be understated by that much. Returns False where there is no glibc (nothing is done).
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    trim(0)
-    return True
-
-
 def reset_peak_rss() -> bool:
     """Reset this process's RSS high-water mark to the current RSS; False where the kernel does not allow it.
 
@@ -119,7 +102,7 @@ class PeakRSS:
 
     ``baseline_kib`` is the RSS on entry (after the inputs exist), ``peak_kib`` the high-water mark on exit,
     and ``delta_kib = peak_kib - baseline_kib`` the code's own peak. Free heap memory is released first (see
-    `release_free_memory`), so the baseline counts live memory only. When the high-water mark could not be
+    `aitraining.heap.return_freed_memory`), so the baseline counts live memory only. When the high-water mark could not be
     reset and was already above the baseline on entry, the delta is only an upper bound: ``exact`` says
     which. Memory that the allocator keeps after a free still counts, as it does for the OS.
     """
@@ -131,7 +114,7 @@ class PeakRSS:
     _mark_on_entry: int = field(default=0, repr=False)
 
     def __enter__(self) -> PeakRSS:
-        release_free_memory()
+        return_freed_memory()
         self.reset_ok = reset_peak_rss()
         self.baseline_kib = current_rss_kib()
         self._mark_on_entry = peak_rss_kib()

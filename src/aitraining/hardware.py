@@ -1,10 +1,7 @@
-"""The machine a run trains on: its precision, its memory allocator, and the Accelerate state of the process."""
+"""The machine a run trains on: its precision and the Accelerate state of the process."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
 from typing import Any
 
 import torch
@@ -35,25 +32,6 @@ def resolve_mixed_precision(choice: str | None) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
     return "bf16" if cpu_has_bf16() else "no"
-
-
-def release_freed_memory_to_the_system(threshold: int = 1 << 16) -> bool:
-    """Serve allocations of `threshold` bytes and more with their own memory maps (glibc only; False elsewhere).
-
-    Note [Heap growth]: glibc raises its mmap threshold to the size of the largest block freed, up to 32 MiB, so
-    after the first steps every activation, logits chunk and gradient buffer of a training step comes from the
-    heap; batches of varying shapes then leave holes that the heap never gives back, and resident memory climbs
-    step after step (benchmarks/end_to_end.py measures the whole-run peak). Setting the threshold turns the
-    adjustment off.
-    """
-    name = ctypes.util.find_library("c")
-    if not name or not os.uname().sysname == "Linux":
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
 
 
 def accelerator(mixed_precision: str, log: str, project_dir: str) -> Any:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from aitraining import heap
 from aitraining.batches import Item, collate, epoch_micro_batches, forward_cost_in_tokens, length_groups, windows
 from aitraining.data.examples import Example
 from aitraining.errors import Interrupted, UserError
@@ -179,6 +180,7 @@ def fit(model: Any, data: Prepared, settings: LoopSettings, folder: RunFolder, a
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                heap.return_freed_memory()  # Note [Heap growth]
                 global_step += 1
                 bar.update(1)
                 if global_step % settings.logging_steps == 0 or global_step == total_steps:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 
-from aitraining import hardware
+from aitraining import hardware, heap
 from aitraining.align import ResponseAligner
 from aitraining.batches import StudentSettings, sft_items, taught_items
 from aitraining.card import write_model_card
@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     """Run the whole job; returns the project folder."""
-    hardware.release_freed_memory_to_the_system()
+    heap.steady_heap()
     if params.mixed_precision is None:
         params = params.model_copy(update={"mixed_precision": hardware.resolve_mixed_precision(None)})
     _preflight(params)

@@ -56,7 +56,7 @@ LAYERS: list[list[str]] = [
     ["signal"],
     ["padding"],
     ["params"],
-    ["errors"],
+    ["errors", "heap"],
     [""],  # the package's own __init__
 ]
 RANK = {name: rank for rank, layer in enumerate(LAYERS) for name in layer}
