@@ -185,6 +185,8 @@ def main() -> None:
         "counted_matmul_gflops_in_profile": round(counted_flops / profiled_s / 1e9, 1),
         "padding_share_of_positions": round(1 - real / max(executed, 1), 4),
         "split": split,
+        "top_operators_self_s": {a.key: round(a.self_cpu_time_total / 1e6, 3) for a in sorted(
+            prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:15]},
     }
     print(f"matmul peak: float32 {peak['float32']} GFLOP/s, bfloat16 {peak['bfloat16']} GFLOP/s; the run: {precision}")
     print(f"step: {result['step_s_unprofiled_mean']} s unprofiled ({result['step_s_profiled_mean']} s profiled); "
@@ -192,6 +194,8 @@ def main() -> None:
           f"{result['padding_share_of_positions']:.1%} of positions")
     print(format_table(["where", "s", "share", "of it matmul s"],
                        [[k, v["s"], f"{v['share']:.1%}", v["matmul_s"]] for k, v in split.items()]))
+    print("operators by their own time in the profiled steps: " + ", ".join(
+        f"{k} {v} s" for k, v in result["top_operators_self_s"].items()))
     write_json(args.out, result)
 
 

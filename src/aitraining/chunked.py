@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from aitraining.losses import check_kind, token_losses
+from aitraining.losses import check_kind, token_losses, token_losses_with_grad
 from aitraining.signal import Targets, check_temperature
 
 
@@ -58,6 +58,7 @@ class _FusedLinearLoss(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any,
         loss_fn: Callable[[Tensor, slice], tuple[Tensor, Tensor, Tensor]],
+        loss_and_grad: Callable[[Tensor, slice], tuple[Tensor, Tensor, Tensor, Tensor] | None],
         chunk_size: int,
         softcap: float | None,
         hidden: Tensor,
@@ -68,7 +69,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w: Tensor | None = None  # made by the first chunk's product: no zero fill of a vocabulary-sized tensor
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)
         # Under autocast the head would be cast to the lower precision again for every chunk (a detached
@@ -79,14 +80,24 @@ class _FusedLinearLoss(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
             h = hidden[sl].detach()
-            z = F.linear(h, w, None if bias is None else bias.detach()).requires_grad_(True)
-            with torch.enable_grad():
-                loss, kd, ce = loss_fn(head.cap(z), sl)
-            (grad_z,) = torch.autograd.grad(loss, z)
+            z = F.linear(h, w, None if bias is None else bias.detach())
+            closed = None if softcap else loss_and_grad(z, sl)  # Note [Closed-form gradient] in losses.py
+            if closed is not None:
+                loss, kd, ce, grad_z = closed
+                grad_z = grad_z.to(z.dtype)
+            else:
+                z.requires_grad_(True)
+                with torch.enable_grad():
+                    loss, kd, ce = loss_fn(head.cap(z), sl)
+                (grad_z,) = torch.autograd.grad(loss, z)
             if grad_h is not None:
                 grad_h[sl] = (grad_z @ w.to(grad_z.dtype)).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w.addmm_(grad_z.t().float(), h.float())
+            if need_w:
+                if grad_w is None:
+                    with torch.autocast(weight.device.type, enabled=False):  # float32, as addmm_ below
+                        grad_w = torch.mm(grad_z.t().float(), h.float())
+                else:
+                    grad_w.addmm_(grad_z.t().float(), h.float())
             if grad_b is not None:
                 grad_b += grad_z.float().sum(0)
             sums += torch.stack([loss.detach(), kd.detach(), ce.detach()])
@@ -106,7 +117,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             raise RuntimeError("the fused loss was already backpropagated; its gradients are freed after one backward")
         out = [None if g is None else g.mul_(g_loss).to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)]
         grads.clear()
-        return (None, None, None, *out)
+        return (None, None, None, None, *out)
 
 
 def chunked_token_loss_sums(
@@ -165,12 +176,16 @@ def chunked_token_loss_sums(
         loss, kd, ce = token_losses(logits, labels[sl], t, temperature=temperature, alpha=alpha, kind=kind, beta=beta)
         return loss.sum(), kd.sum(), ce.sum()
 
+    def loss_and_grad(logits: Tensor, sl: slice) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        t = None if teacher is None else teacher.index(sl)
+        return token_losses_with_grad(logits, labels[sl], t, temperature=temperature, alpha=alpha, kind=kind, beta=beta)
+
     if isinstance(head, LinearHead) and torch.is_grad_enabled():
         # Note [Gradient in forward]: with the head given as tensors, each chunk's gradients are taken right
         # after its loss and the chunk's logits freed before the next: no chunk is recomputed in backward
         # (checkpointing would run the head matmul and the softmax passes twice) and the weight gradient
         # is accumulated in place rather than as one vocabulary-sized temporary per chunk.
-        return _FusedLinearLoss.apply(loss_fn, chunk_size, head.softcap, hidden, head.weight, head.bias)
+        return _FusedLinearLoss.apply(loss_fn, loss_and_grad, chunk_size, head.softcap, hidden, head.weight, head.bias)
 
     use_checkpoint = torch.is_grad_enabled()
     losses: list[Tensor] = []

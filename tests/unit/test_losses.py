@@ -819,3 +819,44 @@ def test_dense_targets_are_the_full_vocabulary_divergence(kind: str) -> None:
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(got).all()
     assert torch.equal(dense.index(slice(1, 3)).hidden, hidden[1:3]) and len(dense) == 5
+
+
+# ------------------------------------------------------------------ the closed-form gradient (Note [Closed-form gradient])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_the_closed_form_gradient_is_autograds(alpha: float, temperature: float) -> None:
+    from aitraining.losses import token_losses_with_grad
+    from aitraining.signal import teacher_targets_from_logits
+
+    torch.manual_seed(0)
+    n, v = 12, 300
+    teacher = teacher_targets_from_logits(torch.randn(n, v) * 3, 16, samples=40, tau=temperature,
+                                          offsets=torch.rand(n))
+    z = (torch.randn(n, v) * 2).requires_grad_(True)
+    labels = torch.randint(0, v, (n,))
+    labels[3] = -100  # an ignored label: no label loss there, the teacher's term still counts
+    for t in (teacher, None):
+        loss, kd, ce = token_losses(z, labels, t, temperature=temperature, alpha=alpha)
+        (want,) = torch.autograd.grad(loss.sum(), z)
+        got = token_losses_with_grad(z.detach(), labels, t, temperature=temperature, alpha=alpha)
+        assert got is not None
+        for a, b in zip(got[:3], (loss.sum(), kd.sum(), ce.sum()), strict=True):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a, b)
+        torch.testing.assert_close(got[3], want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_closed_form_gradient_declines_what_it_does_not_cover() -> None:
+    from aitraining.losses import token_losses_with_grad
+    from aitraining.signal import teacher_targets_from_logits
+
+    n, v = 4, 50
+    teacher = teacher_targets_from_logits(torch.randn(n, v), 8, samples=10, tau=3.0, offsets=torch.rand(n))
+    z, labels = torch.randn(n, v), torch.randint(0, v, (n,))
+    assert token_losses_with_grad(z, labels, teacher, temperature=3.0, alpha=0.5, kind="reverse_kl") is None
+    assert token_losses_with_grad(z, labels, teacher, temperature=1.0, alpha=0.5) is None  # not at tau
+    whole = teacher_targets_from_logits(torch.randn(n, v), v, samples=10, tau=3.0, offsets=torch.rand(n))
+    assert token_losses_with_grad(z, labels, whole, temperature=3.0, alpha=0.5) is None  # no tail: no draws
+    peaked = z.scatter(-1, teacher.ids[:, :8], 1e4)  # the student's tail mass underflows to 0 in float32
+    assert token_losses_with_grad(peaked, labels, teacher, temperature=3.0, alpha=0.5) is None
