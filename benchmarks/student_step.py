@@ -6,7 +6,7 @@
 
 1. Peak: the best of square matmuls of 2048 and 4096 in bfloat16 and in float32, on this machine's threads.
 2. A real run in this process (`aitraining.train.run` at the documented defaults: the cached teacher, bfloat16
-   autocast where the CPU has it, lr 1e-4), 2 epochs. Every optimizer step is timed; every pass's tokens are
+   autocast where the CPU has it, lr 1e-4), 4 epochs. Every optimizer step is timed; every pass's tokens are
    counted as the loop batches them. torch.profiler records --active steps after --skip (the teacher phase and the
    first steps' warm-up are outside it); the steps after that window run unprofiled.
 3. Achieved: model FLOPs of the real tokens (6 x body parameters x tokens + 6 x head parameters x trained positions
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip", type=int, default=4, help="steps before the profiled window")
     ap.add_argument("--active", type=int, default=4, help="profiled steps")
+    ap.add_argument("--epochs", type=int, default=4, help="of 8 steps each; the steps after the profiled ones are timed")
     ap.add_argument("--work", default=str(HERE / ".work" / "vs_trl"))
     ap.add_argument("--out", default=str(HERE / "results" / "student_step.json"))
     args = ap.parse_args()
@@ -131,7 +132,7 @@ def main() -> None:
     project = work / "student-step-run"
     shutil.rmtree(project, ignore_errors=True)
     params = LLMTrainingParams(model=student, teacher_model=teacher, data_path=data, project_name=str(project),
-                               use_distillation=True, epochs=3 if args.quick else 2, batch_size=4 if args.quick else 8, lr=1e-4, seed=0,
+                               use_distillation=True, epochs=3 if args.quick else args.epochs, batch_size=4 if args.quick else 8, lr=1e-4, seed=0,
                                warmup_ratio=0.1, holdout_share=0.0, distill_max_teacher_length=65,
                                overwrite=True)
     try:

@@ -156,23 +156,26 @@ def fit(model: Any, data: Prepared, settings: LoopSettings, folder: RunFolder, a
                 global_count = accelerator.reduce(count, reduction="sum").item()
                 passes = [[rows[i] for i in group] for rows in batches
                           for group in length_groups([len(it.input_ids) for it in rows], per_forward)]
-                for m_index, rows in enumerate(passes):
-                    weight = 1.0
-                    if not rows:  # this rank ran out of rows: still join the collective backward, with weight 0
-                        rows, weight = [train_items[0]], 0.0
-                    tensors = {k: v.to(accelerator.device) for k, v in collate(rows, data.pad_id).items()}
-                    sync = m_index == len(passes) - 1
-                    ctx = contextlib.nullcontext() if sync else accelerator.no_sync(objective)
-                    with ctx, accelerator.autocast():
-                        teacher = on_policy.targets(rows) if own else (None if source is None else source.targets(rows))
-                        loss_sum, kd_sum, ce_sum, n_tok = objective(**tensors, teacher=teacher, weight=weight,
-                                                                    labels_are_own=own)
-                        if not torch.isfinite(loss_sum.detach()).item():
-                            raise UserError(_diverged(global_step + 1, loss_sum.item(), folder))
-                        accelerator.backward(loss_sum * world / max(global_count, 1.0))
-                    window_stats.add(loss_sum.item(), kd_sum.item() * weight, 0.0 if own else ce_sum.item() * weight,
-                                     n_tok.item() * weight, labelled=not own)
-                    tokens_seen += int(tensors["attention_mask"].sum().item() * weight)
+                # One autocast region for the step's passes: it keeps the weights' low-precision copies until it
+                # exits, so they are cast once a step rather than once a pass (the weights change only at the step).
+                with accelerator.autocast():
+                    for m_index, rows in enumerate(passes):
+                        weight = 1.0
+                        if not rows:  # this rank ran out of rows: still join the collective backward, with weight 0
+                            rows, weight = [train_items[0]], 0.0
+                        tensors = {k: v.to(accelerator.device) for k, v in collate(rows, data.pad_id).items()}
+                        sync = m_index == len(passes) - 1
+                        with contextlib.nullcontext() if sync else accelerator.no_sync(objective):
+                            teacher = (on_policy.targets(rows) if own else
+                                       None if source is None else source.targets(rows))
+                            loss_sum, kd_sum, ce_sum, n_tok = objective(**tensors, teacher=teacher, weight=weight,
+                                                                        labels_are_own=own)
+                            if not torch.isfinite(loss_sum.detach()).item():
+                                raise UserError(_diverged(global_step + 1, loss_sum.item(), folder))
+                            accelerator.backward(loss_sum * world / max(global_count, 1.0))
+                        window_stats.add(loss_sum.item(), kd_sum.item() * weight,
+                                         0.0 if own else ce_sum.item() * weight, n_tok.item() * weight, labelled=not own)
+                        tokens_seen += int(tensors["attention_mask"].sum().item() * weight)
                 grad_norm = (accelerator.clip_grad_norm_(objective.parameters(), settings.max_grad_norm)
                              if settings.max_grad_norm > 0 else None)
                 if grad_norm is not None and not math.isfinite(float(grad_norm)):
