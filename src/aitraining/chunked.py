@@ -83,25 +83,26 @@ class _FusedLinearLoss(torch.autograd.Function):
             z = F.linear(h, w, None if bias is None else bias.detach())
             closed = None if softcap else loss_and_grad(z, sl)  # Note [Closed-form gradient] in losses.py
             if closed is not None:
-                loss, kd, ce, grad_z = closed
-                grad_z = grad_z.to(z.dtype)
+                loss, kd, ce, grad_f = closed  # float32: the weight's gradient takes it as it is
+                grad_z = grad_f.to(z.dtype)
             else:
                 z.requires_grad_(True)
                 with torch.enable_grad():
                     loss, kd, ce = loss_fn(head.cap(z), sl)
                 (grad_z,) = torch.autograd.grad(loss, z)
+                grad_f = grad_z.float()
             if grad_h is not None:
                 grad_h[sl] = (grad_z @ w.to(grad_z.dtype)).to(hidden.dtype)
             if need_w:
                 if grad_w is None:
                     with torch.autocast(weight.device.type, enabled=False):  # float32, as addmm_ below
-                        grad_w = torch.mm(grad_z.t().float(), h.float())
+                        grad_w = torch.mm(grad_f.t(), h.float())
                 else:
-                    grad_w.addmm_(grad_z.t().float(), h.float())
+                    grad_w.addmm_(grad_f.t(), h.float())
             if grad_b is not None:
-                grad_b += grad_z.float().sum(0)
+                grad_b += grad_f.sum(0)
             sums += torch.stack([loss.detach(), kd.detach(), ce.detach()])
-            del z, grad_z, loss
+            del z, grad_z, grad_f, loss
         # Kept on ctx rather than saved (they are intermediates, not inputs or outputs) so that backward can
         # drop them: scaled in place and handed over, each is the only copy (a weight-sized one for the head).
         ctx.grads = [grad_h, grad_w, grad_b]

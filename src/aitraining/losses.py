@@ -365,11 +365,16 @@ def token_losses_with_grad(
     z = student_logits.detach().float()
     valid = labels != -100
     safe_labels = torch.where(valid, labels, 0).unsqueeze(-1)
-    lse1 = torch.logsumexp(z, dim=-1, keepdim=True)
+    # One shift by the row's maximum serves both temperatures; each exponential is taken once.
+    top = z.amax(-1, keepdim=True)
+    shifted = z - top
+    e1 = shifted.exp()
+    sum1 = e1.sum(-1, keepdim=True)
+    lse1 = top + sum1.log()
     ce = torch.where(valid, lse1.squeeze(-1) - z.gather(-1, safe_labels).squeeze(-1), 0.0)
     grad = None
     if alpha < 1.0 or not distill:
-        grad = torch.exp(z - lse1).mul_(valid.unsqueeze(-1))  # softmax, rows of ignored labels zero
+        grad = e1.mul_(valid.unsqueeze(-1) / sum1)  # softmax, rows of ignored labels zero
         grad.scatter_add_(-1, safe_labels, -valid.float().unsqueeze(-1))
         if distill:
             grad.mul_(1.0 - alpha)
@@ -381,8 +386,10 @@ def token_losses_with_grad(
     k = teacher.k
     head_ids, sample_ids = teacher.ids[:, :k], teacher.ids[:, k:]
     zt = z / t if t != 1.0 else z
-    lse_t = torch.logsumexp(zt, dim=-1, keepdim=True)
-    s = torch.exp(zt - lse_t)
+    s = shifted.div_(t).exp_() if t != 1.0 else shifted.exp_()
+    sum_t = s.sum(-1, keepdim=True)
+    lse_t = top / t + sum_t.log()
+    s.div_(sum_t)
     s_tail_part = s.scatter(-1, head_ids, 0.0)
     tail_mass = s_tail_part.sum(-1)
     if not bool(torch.isfinite(tail_mass).all() and (tail_mass > 1e-30).all()):
