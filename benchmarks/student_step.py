@@ -7,7 +7,8 @@
 1. Peak: the best of square matmuls of 2048 and 4096 in bfloat16 and in float32, on this machine's threads.
 2. A real run in this process (`aitraining.train.run` at the documented defaults: the cached teacher, bfloat16
    autocast where the CPU has it, lr 1e-4), 4 epochs. Every optimizer step is timed; every pass's tokens are
-   counted as the loop batches them. torch.profiler records --active steps after --skip (the teacher phase and the
+   counted as the loop batches them; the checkpoints written at each epoch's end are timed and left out of the
+   steps. torch.profiler records --active steps after --skip (the teacher phase and the
    first steps' warm-up are outside it); the steps after that window run unprofiled.
 3. Achieved: model FLOPs of the real tokens (6 x body parameters x tokens + 6 x head parameters x trained positions
    + 6 x layers x width x the causal attention's token pairs) per second of unprofiled step time, as a share of the
@@ -90,6 +91,7 @@ def main() -> None:
     from aitraining.hardware import resolve_mixed_precision
     from aitraining.objective import HEAD_AND_LOSS, target_positions
     from aitraining.params import LLMTrainingParams
+    from aitraining.runfolder import RunFolder
     from aitraining.train import run
 
     if args.quick:
@@ -129,6 +131,17 @@ def main() -> None:
         prof.step()
 
     hook = register_optimizer_step_post_hook(on_step)
+    saving: dict[int, float] = defaultdict(float)  # checkpoint seconds by the step whose time holds them
+    save = RunFolder.save_checkpoint
+
+    def timed_save(self: Any, *a: Any, **k: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return save(self, *a, **k)
+        finally:
+            saving[len(stamps)] += time.perf_counter() - started
+
+    RunFolder.save_checkpoint = timed_save
     project = work / "student-step-run"
     shutil.rmtree(project, ignore_errors=True)
     params = LLMTrainingParams(model=student, teacher_model=teacher, data_path=data, project_name=str(project),
@@ -141,13 +154,15 @@ def main() -> None:
     finally:
         hook.remove()
         loop.collate = collate
+        RunFolder.save_checkpoint = save
 
     def model_flops(step: list[tuple[int, int, int, int]]) -> float:
         return sum(6 * n_body * real + 6 * n_head * trained + 6 * layers * width * pairs for _, real, trained, pairs in step)
 
     # Optimizer step i + 2 runs from stamps[i] to stamps[i + 1] (the first step holds the start and the teacher
     # phase). The profiler's step k is optimizer step k + 1: the active window is steps skip + 1 .. skip + active.
-    steps = [(stamps[i] - stamps[i - 1], passes[i]) for i in range(1, len(stamps))]  # steps[i]: step i + 2
+    # A step's time leaves out the checkpoint written at an epoch's end (no part of the step).
+    steps = [(stamps[i] - stamps[i - 1] - saving[i], passes[i]) for i in range(1, len(stamps))]  # steps[i]: step i + 2
     window = range(args.skip - 1, args.skip - 1 + args.active)
     after = [s for i, s in enumerate(steps) if i >= window.stop] or [s for i, s in enumerate(steps) if i not in window]
     unprofiled_s = sum(t for t, _ in after)
