@@ -268,6 +268,13 @@ def _sampled_tail_term(w: Tensor, used: Tensor, log_t: Tensor, log_s: Tensor, t_
     return t_tail.exp() * (value.detach() + surrogate - surrogate.detach())
 
 
+def _check_loss_settings(kind: str, beta: float, temperature: float, alpha: float) -> None:
+    check_kind(kind, beta)
+    check_temperature(temperature)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+
 def token_losses(
     student_logits: Tensor,
     labels: Tensor,
@@ -298,10 +305,7 @@ def token_losses(
     Returns:
         (loss, kd, ce), each (N,) float32.
     """
-    check_kind(kind, beta)
-    check_temperature(temperature)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    _check_loss_settings(kind, beta, temperature, alpha)
     if student_logits.dim() != 2 or labels.shape != student_logits.shape[:1]:
         raise ValueError(
             f"token_losses: expected logits (N, V) and labels (N,); got {tuple(student_logits.shape)} "
@@ -354,10 +358,7 @@ def token_losses_with_grad(
     The values come from the same helpers as `token_losses`. Rows whose student tail mass is not a finite,
     positive number (an empty tail, or one whose every term underflows in float32) or with a bucket the
     student gives no mass get no closed form (None for the chunk)."""
-    check_kind(kind, beta)
-    check_temperature(temperature)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    _check_loss_settings(kind, beta, temperature, alpha)
     distill = teacher is not None and alpha > 0.0
     if distill and not (type(teacher) is TeacherTargets and kind == "forward_kl" and teacher.m > 0
                         and math.isclose(temperature, teacher.tau)):

