@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from aitraining.losses import check_kind, token_losses, token_losses_with_grad
+from aitraining.closed_form import token_losses_with_grad
+from aitraining.losses import check_kind, token_losses
 from aitraining.signal import Targets, check_temperature
 
 
@@ -81,7 +82,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             sl = slice(start, start + chunk_size)
             h = hidden[sl].detach()
             z = F.linear(h, w, None if bias is None else bias.detach())
-            closed = None if softcap else loss_and_grad(z, sl)  # Note [Closed-form gradient] in losses.py
+            closed = None if softcap else loss_and_grad(z, sl)  # Note [Closed-form gradient] in closed_form.py
             if closed is not None:
                 loss, kd, ce, grad_f = closed  # float32: the weight's gradient takes it as it is
                 grad_z = grad_f.to(z.dtype)

@@ -827,7 +827,7 @@ def test_dense_targets_are_the_full_vocabulary_divergence(kind: str) -> None:
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 def test_the_closed_form_gradient_is_autograds(alpha: float, temperature: float) -> None:
-    from aitraining.losses import token_losses_with_grad
+    from aitraining.closed_form import token_losses_with_grad
     from aitraining.signal import teacher_targets_from_logits
 
     torch.manual_seed(0)
@@ -848,7 +848,7 @@ def test_the_closed_form_gradient_is_autograds(alpha: float, temperature: float)
 
 
 def test_the_closed_form_gradient_declines_what_it_does_not_cover() -> None:
-    from aitraining.losses import token_losses_with_grad
+    from aitraining.closed_form import token_losses_with_grad
     from aitraining.signal import teacher_targets_from_logits
 
     n, v = 4, 50

@@ -52,6 +52,7 @@ LAYERS: list[list[str]] = [
     ["data"],
     ["align"],
     ["chunked"],
+    ["closed_form"],
     ["losses"],
     ["signal"],
     ["padding"],
