@@ -68,7 +68,6 @@ def token_losses_with_grad(
         assert grad is not None
         return ce.sum(), torch.zeros((), device=z.device), ce.sum(), grad
     t = temperature
-    assert isinstance(teacher, TeacherTargets)
     k = teacher.k
     head_ids, sample_ids = teacher.ids[:, :k], teacher.ids[:, k:]
     zt = z / t if t != 1.0 else z
@@ -78,13 +77,13 @@ def token_losses_with_grad(
     s.div_(sum_t)
     s_tail_part = s.scatter(-1, head_ids, 0.0)
     tail_mass = s_tail_part.sum(-1)
-    if not bool(torch.isfinite(tail_mass).all() and (tail_mass > 1e-30).all()):
-        return None
     log_tail = tail_mass.log()
     ls_head = zt.gather(-1, head_ids) - lse_t
     student_b = torch.cat([ls_head, log_tail.unsqueeze(-1)], dim=-1)
     teacher_b = teacher.bucket_log_probs(t)
-    if bool(((teacher_b > _NEG_INF) & ~torch.isfinite(student_b)).any()):
+    # One host read for both checks (a device sync on a GPU): a usable student tail, and mass on every bucket.
+    usable = torch.isfinite(tail_mass).all() & (tail_mass > 1e-30).all()
+    if not bool(usable & ~((teacher_b > _NEG_INF) & ~torch.isfinite(student_b)).any()):
         return None
     used = teacher.counts > 0
     w = teacher.counts / teacher.counts.sum(-1, keepdim=True).clamp(min=1.0)
