@@ -41,27 +41,32 @@ def training_curves(path: str, runs: dict[str, list[dict[str, Any]]]) -> list[st
     return [path]
 
 
-def comparison_chart(path: str, result: dict[str, Any]) -> list[str]:
-    """Bars of KL to the teacher, top-1 agreement and ROUGE-L for each model of a comparison
-    (compare.judge's result), with each value written on its bar."""
+# What `comparison_chart` draws by default: (key in each model's row, title, format of the value).
+TOKEN_METRICS = (("kl_to_teacher", "KL(teacher ‖ model), lower is better", "{:.3f}"),
+                 ("top1_agreement", "top-1 agreement with the teacher", "{:.1%}"),
+                 ("rouge_l", "ROUGE-L vs the teacher's answers", "{:.3f}"),
+                 ("tokens_per_s", "generation tokens/s (this machine)", "{:.0f}"))
+
+
+def comparison_chart(path: str, result: dict[str, Any], metrics: tuple[tuple[str, str, str], ...] = TOKEN_METRICS,
+                     title: str | None = None) -> list[str]:
+    """Bars of each of `metrics` for each model of a comparison (compare.py's result), with each value written on
+    its bar; `title` (default: the held-out rows and teacher tokens) above them."""
     from matplotlib.figure import Figure  # lazy: drawing is the last thing a run does, and a second to import
 
     models = [m for m in ("distilled", "baseline", "teacher") if m in result["models"]]
-    metrics = [("kl_to_teacher", "KL(teacher ‖ model), lower is better", "{:.3f}"),
-               ("top1_agreement", "top-1 agreement with the teacher", "{:.1%}"),
-               ("rouge_l", "ROUGE-L vs the teacher's answers", "{:.3f}"),
-               ("tokens_per_s", "generation tokens/s (this machine)", "{:.0f}")]
     fig = Figure(figsize=(4.2 * len(metrics), 3.4))
     axes = fig.subplots(1, len(metrics), squeeze=False)
-    for ax, (key, title, fmt) in zip(axes[0], metrics, strict=True):
+    for ax, (key, name, fmt) in zip(axes[0], metrics, strict=True):
         values = [float(result["models"][m][key]) for m in models]
         bars = ax.bar(models, values, color=[COLORS[m] for m in models])
         for bar, v in zip(bars, values, strict=True):
             ax.annotate(fmt.format(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                         va="bottom", fontsize=8)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(name, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{result['held_out_rows']} held-out rows, {result['held_out_tokens']} teacher tokens", fontsize=10)
+    fig.suptitle(title or f"{result['held_out_rows']} held-out rows, {result['held_out_tokens']} teacher tokens",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return [path]

@@ -28,7 +28,7 @@ from aitraining import hardware, heap
 from aitraining.align import ResponseAligner
 from aitraining.batches import StudentSettings, sft_items, taught_items
 from aitraining.card import write_model_card
-from aitraining.compare import judge, write_comparison
+from aitraining.compare import judge, judge_text, write_comparison
 from aitraining.data.examples import (
     MIN_ROWS_TO_HOLD_OUT,
     DataSettings,
@@ -171,10 +171,6 @@ def prepare_data(student: StudentSettings, teacher: TeacherSettings | None, load
                                            token=teacher.token, flag="--teacher-model")
         out.path = path = choose_path(tokenizer, teacher_tokenizer, mode=teacher.distill_mode,
                                       source=teacher.teacher_source)
-        if compare_baseline and path.mode != "same-vocabulary":
-            raise UserError(f"--compare-baseline judges students token by token against the teacher, which needs the "
-                            f"teacher's vocabulary; this run takes the {path.mode} path (use `aitraining eval`, which "
-                            "compares any tokenizers on text, on each model folder)")
         if teacher.distill_on_policy > 0 and path.mode != "same-vocabulary":
             raise UserError(f"--distill-on-policy: the teacher scores the student's own tokens, which needs the student's "
                             f"tokenizer, and this run takes the {path.mode} path ({path.reason}); drop --distill-on-policy")
@@ -305,7 +301,8 @@ def baseline(params: LLMTrainingParams, data: Prepared, folder: RunFolder, accel
     """--compare-baseline: the same student fine-tuned on the teacher's responses (the very token sequences the
     distilled student trained on, without the teacher's distribution: same rows, budget, schedule and seed; the
     teacher's answers are reused, never regenerated), trained into `<project>/baseline/`; then student, baseline
-    and teacher judged on the held-out rows and the comparison written (compare.py)."""
+    and teacher judged on the held-out rows and the comparison written (compare.py): on the teacher's exact
+    distribution where the student has its tokenizer, on the teacher's answers as text across tokenizers."""
     started = time.time()
     bparams = baseline_params(params, folder)
     bfolder = RunFolder(folder_settings(bparams), is_main=accelerator.is_main_process)
@@ -333,11 +330,17 @@ def baseline(params: LLMTrainingParams, data: Prepared, folder: RunFolder, accel
     if accelerator.is_main_process:
         assert data.path is not None
         teacher = params.settings(TeacherSettings)
-        exact = open_source(teacher, project_dir=folder.path, device=torch.device("cpu"), path=data.path, exact=True)
-        result = judge(data.valid_items, [ex.prompt_text for ex in data.valid_examples], exact, data.tokenizer,
-                       {"distilled": folder.path, "baseline": bfolder.path, "teacher": teacher.teacher_model},
-                       trust_remote_code=params.trust_remote_code, allow_pickle=params.allow_pickle_weights,
-                       token=params.token, show_progress=show_progress)
+        prompts = [ex.prompt_text for ex in data.valid_examples]
+        folders = {"distilled": folder.path, "baseline": bfolder.path, "teacher": teacher.teacher_model}
+        if data.path.mode == "same-vocabulary":
+            exact = open_source(teacher, project_dir=folder.path, device=torch.device("cpu"), path=data.path,
+                                exact=True)
+            result = judge(data.valid_items, prompts, exact, data.tokenizer, folders,
+                           trust_remote_code=params.trust_remote_code, allow_pickle=params.allow_pickle_weights,
+                           token=params.token, show_progress=show_progress)
+        else:
+            result = judge_text(data.valid_items, prompts, teacher, params.settings(StudentSettings), data.tokenizer,
+                                folders)
         write_comparison(folder, result, bfolder.metrics())
     accelerator.wait_for_everyone()
     return result

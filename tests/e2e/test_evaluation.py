@@ -122,6 +122,40 @@ def test_compare_baseline_trains_the_same_student_without_distillation_and_judge
 
 
 @pytest.mark.slow
+def test_compare_baseline_across_tokenizers_trains_on_the_teachers_text_and_judges_on_text(
+        real_tokenizers, tiny_teacher, tmp_path, capsys):
+    """Across tokenizers (the documented examples' path) the baseline is the same student trained on the teacher's
+    text, step for step a --distill-mode sequence run, and all three are judged on the teacher's answers as text:
+    nats per byte above the teacher (0 for the teacher itself) and ROUGE-L, with the pictures, samples and card."""
+    student = other_tokenizer_student(real_tokenizers["llama-spm"], tmp_path / "student")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"{p} ({i})", "response": r}
+                                              for i, (p, r) in enumerate(PAIRS * 3)])
+    project = tmp_path / "cmp"
+    assert distill(student, tiny_teacher, data, project, "--compare-baseline", "--epochs", "2") == 0
+    text = tmp_path / "text"
+    assert distill(student, tiny_teacher, data, text, "--distill-mode", "sequence", "--epochs", "2") == 0
+    assert_same_weights(project / "baseline", text, atol=1e-6)
+
+    cmp = json.loads((project / "comparison.json").read_text())
+    assert set(cmp["models"]) == {"distilled", "baseline", "teacher"} and cmp["held_out_rows"] == 1
+    held_out = cmp["samples"][0]
+    assert held_out["teacher's response"] in dict(PAIRS).values()  # the row's own response, as text
+    assert cmp["held_out_bytes"] == len(held_out["teacher's response"].encode())
+    teacher, distilled = cmp["models"]["teacher"], cmp["models"]["distilled"]
+    # The given responses are not the tiny teacher's own text: a student may find them likelier than it does.
+    assert teacher["kl_per_byte"] == 0 and distilled["kl_per_byte"] != 0
+    assert distilled["parameters"] < teacher["parameters"] and 0 <= distilled["rouge_l"] <= 1
+    out = capsys.readouterr().out
+    assert "| nats per byte above the teacher |" in out and "the distilled student is" in out
+    assert "teacher's text than the baseline" in cmp["verdict"]
+    card = (project / "README.md").read_text()
+    assert "## With and without distillation" in card and "nats per byte above the teacher" in card
+    for picture in ("comparison.png", "training_curves.png"):
+        assert (project / picture).read_bytes().startswith(PNG)
+    assert "| baseline |" in (project / "samples.md").read_text()
+
+
+@pytest.mark.slow
 def test_compare_baseline_interrupted_in_the_baseline_resumes_the_baseline(tiny_student, tiny_teacher, tmp_path,
                                                                            monkeypatch):
     """Ctrl-C while the baseline trains, then the same command with --resume-from-checkpoint latest: the baseline

@@ -179,3 +179,51 @@ def test_paired_difference_separates_a_real_difference_from_noise():
     models["distilled"] = {**models["distilled"], "rouge_l_per_answer": noise[0]}
     assert "within what the prompts drawn allow" in compare.verdict({**RESULT, "models": models})
     assert "interval" not in compare.verdict(RESULT)  # a result without per-answer scores
+
+
+TEXT_RESULT = {
+    "held_out_rows": 3, "held_out_bytes": 912,
+    "models": {role: {"kl_per_byte": kl, "nll_per_byte": kl + 0.16, "rouge_l": r, "repetition": rep, "parameters": n,
+                      "disk_bytes": d, "tokens_per_s": t, "answers": [f"{role} answer {i}" for i in range(3)]}
+               for role, kl, r, rep, n, d, t in (("distilled", 1.17, 0.09, 0.55, 56_000_000, 224 << 20, 80.0),
+                                                 ("baseline", 1.29, 0.105, 0.44, 56_000_000, 224 << 20, 81.0),
+                                                 ("teacher", 0.0, 1.0, 0.1, 135_000_000, 540 << 20, 30.0))},
+    "prompts": ["one", "two", "three"], "references": ["t1", "t2", "t3"],
+}
+
+
+def test_a_comparison_across_tokenizers_is_told_on_text_and_names_the_better_student(tmp_path):
+    """Judged on text (--compare-baseline across tokenizers): the table and verdict speak of nats per byte of the
+    teacher's text, the picture draws them, and wherever the baseline is the better student (closer to the teacher,
+    or writing closer answers by more than the prompts drawn) the advice says so and names its folder."""
+    import random
+
+    assert compare.on_text(TEXT_RESULT) and not compare.on_text(RESULT)
+    lines = compare.table(TEXT_RESULT)
+    assert "nats per byte above the teacher" in lines[0] and "KL(teacher" not in lines[0]
+    assert lines[2] == "| distilled | 1.170 | 1.330 | 0.090 | 55.0% | 56,000,000 | 224 MiB | 80.0 |"
+    assert compare.verdict(TEXT_RESULT).startswith(
+        "the distilled student is closer to the teacher's text than the baseline (the same student trained on the "
+        "teacher's text): 1.170 vs 1.290 nats per byte above the teacher (0.91x)")
+    assert plots.comparison_chart(str(tmp_path / "c.png"), TEXT_RESULT, compare.TEXT_METRICS, "t") == [str(tmp_path / "c.png")]
+    assert (tmp_path / "c.png").read_bytes().startswith(PNG)
+
+    assert compare.advice(TEXT_RESULT, "/p/baseline") is None  # closer, and no per-answer scores to tell writing by
+    rng = random.Random(2)
+    base = [rng.random() for _ in range(100)]
+    worse = [x - 0.05 + rng.gauss(0, 0.02) for x in base]
+    jitter = [x + rng.choice((-0.05, 0.05)) for x in base]
+
+    def with_scores(result, distilled, baseline, **distilled_update):
+        m = result["models"]
+        return {**result, "models": {**m, "distilled": {**m["distilled"], "rouge_l_per_answer": distilled, **distilled_update},
+                                     "baseline": {**m["baseline"], "rouge_l_per_answer": baseline}}}
+
+    said = compare.advice(with_scores(TEXT_RESULT, worse, base), "/p/baseline")
+    assert said.startswith("the baseline writes answers closer to the teacher's (ROUGE-L +0.0") and said.endswith("/p/baseline")
+    assert compare.advice(with_scores(TEXT_RESULT, jitter, base), "/p/baseline") is None  # inside the noise
+    assert compare.advice(with_scores(TEXT_RESULT, base, base, kl_per_byte=1.4), "/p/b").startswith(
+        "the baseline is closer to the teacher's text:")
+    assert compare.advice(with_scores(RESULT, worse, base, kl_to_teacher=7.0), "/p/b").startswith(
+        "the baseline is closer to the teacher and writes answers closer")
+    assert compare.advice(RESULT, "/p/b") is None
