@@ -140,6 +140,7 @@ def teacher_answers(teacher: str, prompts: list[str], out: Path, max_new: int, b
         chunk = order[s : s + batch]
         for i, (resp, _) in zip(chunk, t.generate([ids[i] for i in chunk], record=False), strict=True):
             answers[i] = t.tokenizer.decode(resp, skip_special_tokens=True)
+    path.parent.mkdir(parents=True, exist_ok=True)  # another benchmark's folder (cross_tokenizer.py reads quality's)
     path.write_text(json.dumps(answers, ensure_ascii=False), encoding="utf-8")
     return answers
 
