@@ -56,7 +56,7 @@ class Pair:
     """The teacher (float32) and the student's tokenizer, with how one answer reads in both."""
 
     def __init__(self, teacher: str, student: str) -> None:
-        from aitraining.align import ResponseAligner, token_bytes
+        from aitraining.align import ResponseAligner, token_bytes, vocabulary_map
         from aitraining.data.examples import Example
         from aitraining.models.load import load_causal_lm, load_tokenizer
         from aitraining.params import LLMTrainingParams
@@ -66,21 +66,27 @@ class Pair:
         self.s_tok, self.t_tok = load_tokenizer(student), load_tokenizer(teacher)
         self.aligner = ResponseAligner(self.s_tok, self.t_tok)
         self.vocab = self.aligner.vocab
+        # Each way of reading a teacher token as its first piece (align.vocabulary_map's `pieces`), with the
+        # aligner that gives rows by it.
+        self.maps = {"longest": self.vocab, "written": vocabulary_map(self.s_tok, self.t_tok, pieces="written")}
+        self.aligners = {"longest": self.aligner, "written": ResponseAligner(self.s_tok, self.t_tok)}
+        self.aligners["written"].vocab = self.maps["written"]
         self.s_bytes = token_bytes(self.s_tok)
         params = LLMTrainingParams(model=student, teacher_model=teacher, data_path="-", use_distillation=True)
         self.text = TeacherText(params.settings(TeacherSettings), self.t_tok)
         self.example = lambda p: Example(messages=[{"role": "user", "content": p}])
         self.teacher = load_causal_lm(teacher, dtype=__import__("torch").float32).eval()
 
-    def answer(self, text: str) -> dict[str, Any]:
-        """The answer's student tokens, their teacher rows and the character each starts at; the teacher's tokens."""
+    def answer(self, text: str, pieces: str = "longest") -> dict[str, Any]:
+        """The answer's student tokens, their teacher rows (by the map `pieces`) and the character each starts at;
+        the teacher's tokens."""
         import unicodedata
 
         from aitraining.align import align_text
 
         text = unicodedata.normalize("NFC", text)
         t_ids = list(self.t_tok(text, add_special_tokens=False)["input_ids"])
-        got = self.aligner(t_ids, ended=False)
+        got = self.aligners[pieces](t_ids, ended=False)
         s_ids, t_check, alignment = align_text(self.s_tok, self.t_tok, text)
         assert s_ids == got.student_ids and t_check == t_ids
         starts = [alignment.student.ends[i - 1] if i else 0 for i in range(len(s_ids))]
@@ -99,57 +105,62 @@ class Pair:
 
 
 def projection_gap(pair: Pair, prompts: list[str], answers: list[str], samples: int, seed: int) -> dict[str, Any]:
-    """Measurement 1 (module docstring)."""
+    """Measurement 1 (module docstring), for each way of reading first pieces (`Pair.maps`), on the same samples:
+    the positions are those with a teacher row by either map."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    kinds: Counter = Counter()
-    label_p, label_q, misplaced = [], [], []
+    kinds: dict[str, Counter] = {m: Counter() for m in pair.maps}
+    label_p: dict[str, list[float]] = {m: [] for m in pair.maps}
+    misplaced: dict[str, list[float]] = {m: [] for m in pair.maps}
+    label_q: list[float] = []
     eos_t, eos_s = pair.t_tok.eos_token_id, pair.s_tok.eos_token_id
     for prompt, answer in zip(prompts, answers, strict=True):
         a = pair.answer(answer)
+        rows = [max(r) for r in zip(*(pair.answer(answer, m)["rows"] for m in pair.maps), strict=True)]
         t_prompt = pair.text.prompt_ids(pair.example(prompt))
         ids = torch.tensor([t_prompt + a["t_ids"]])
         with torch.no_grad():
             out = pair.teacher(input_ids=ids, use_cache=True)
         logits = out.logits[0, len(t_prompt) - 1 :].float()
         logp = torch.log_softmax(logits, -1)
-        projected = pair.vocab.project(logits)
-        for i, j in enumerate(a["rows"]):
+        projected = {m: vocab.project(logits) for m, vocab in pair.maps.items()}
+        for i, j in enumerate(rows):
             if j < 0:
                 continue
             first = torch.multinomial(logp[j].exp(), samples, replacement=True, generator=gen)
             conts = _continue(pair, out.past_key_values, len(t_prompt) + j, first, gen)
             before = a["text"][: a["starts"][i]]
             counts: Counter = Counter()
-            wrong = 0
+            wrong: Counter = Counter()
             for row in conts:
                 u1 = row[0]
-                said = int(pair.vocab.first_piece[u1])
                 if u1 == eos_t:
                     canon = eos_s
                 else:
                     upto = row.index(eos_t) if eos_t in row else len(row)
                     canon = pair.student_token_at(before + pair.t_tok.decode(row[:upto]), len(before))
                 counts[canon] += 1
-                if canon == said:
-                    continue
-                wrong += 1
-                kinds[_kind(pair, said, canon)] += 1
+                for m, vocab in pair.maps.items():
+                    said = int(vocab.first_piece[u1])
+                    if canon != said:
+                        wrong[m] += 1
+                        kinds[m][_kind(pair, said, canon)] += 1
             label = a["s_ids"][i]
-            label_p.append(float(projected[j, label].exp()))
             label_q.append(counts[label] / samples)
-            misplaced.append(wrong / samples)
-    n = len(misplaced)
-    total = sum(kinds.values())
+            for m in pair.maps:
+                label_p[m].append(float(projected[m][j, label].exp()))
+                misplaced[m].append(wrong[m] / samples)
+    n = len(label_q)
     return {
         "answers": len(prompts), "positions": n, "samples_per_position": samples, "lookahead_teacher_tokens": LOOKAHEAD,
-        "misplaced_mass": statistics.fmean(misplaced) if n else 0.0,
-        "misplaced_by_kind": {k: round(v / max(n * samples, 1), 5) for k, v in kinds.most_common()},
-        "misplaced_kinds_share": share(kinds, total),
-        "label_p_projected": statistics.fmean(label_p) if n else 0.0,
         "label_q_sampled": statistics.fmean(label_q) if n else 0.0,
-        "label_bias": statistics.fmean(p - q for p, q in zip(label_p, label_q, strict=True)) if n else 0.0,
+        "by_first_pieces": {m: {
+            "misplaced_mass": statistics.fmean(misplaced[m]) if n else 0.0,
+            "misplaced_by_kind": {k: round(v / max(n * samples, 1), 5) for k, v in kinds[m].most_common()},
+            "label_p_projected": statistics.fmean(label_p[m]) if n else 0.0,
+            "label_bias": statistics.fmean(p - q for p, q in zip(label_p[m], label_q, strict=True)) if n else 0.0,
+        } for m in pair.maps},
     }
 
 
@@ -192,25 +203,28 @@ def _kind(pair: Pair, said: int, canon: int | None) -> str:
 
 
 def missing_rows(pair: Pair, answers: list[str]) -> dict[str, Any]:
-    """Measurement 2: the student positions without a teacher row, by kind."""
-    kinds: Counter = Counter()
-    total = 0
-    for answer in answers:
-        a = pair.answer(answer)
-        total += len(a["s_ids"])
-        for s0, s1, t0, t1 in a["alignment"].groups:
-            for i in range(s0, s1):
-                if a["rows"][i] >= 0:
-                    continue
-                if i > s0:
-                    kinds["inside a teacher token (no teacher token starts there)"] += 1
-                elif s0 == 0:
-                    kinds["the answer's first token"] += 1
-                elif s1 - s0 == 1 and t1 - t0 > 1:
-                    kinds["the student's token spans several teacher tokens"] += 1
-                else:
-                    kinds["the student's token is not the first piece of the teacher's"] += 1
-    return {"tokens": total, "without_row": sum(kinds.values()) / max(total, 1), "by_kind": share(kinds, total)}
+    """Measurement 2: the student positions without a teacher row, by kind, for each map of first pieces."""
+    out = {}
+    for m in pair.maps:
+        kinds: Counter = Counter()
+        total = 0
+        for answer in answers:
+            a = pair.answer(answer, m)
+            total += len(a["s_ids"])
+            for s0, s1, t0, t1 in a["alignment"].groups:
+                for i in range(s0, s1):
+                    if a["rows"][i] >= 0:
+                        continue
+                    if i > s0:
+                        kinds["inside a teacher token (no teacher token starts there)"] += 1
+                    elif s0 == 0:
+                        kinds["the answer's first token"] += 1
+                    elif s1 - s0 == 1 and t1 - t0 > 1:
+                        kinds["the student's token spans several teacher tokens"] += 1
+                    else:
+                        kinds["the student's token is not the first piece of the teacher's"] += 1
+        out[m] = {"tokens": total, "without_row": sum(kinds.values()) / max(total, 1), "by_kind": share(kinds, total)}
+    return out
 
 
 def parting(pair: Pair, folder: Path, prompts: list[str], answers: list[str]) -> dict[str, Any]:
@@ -310,6 +324,8 @@ def main() -> None:
     ap.add_argument("--answers", type=int, default=16, help="held-out answers sampled for measurement 1")
     ap.add_argument("--samples", type=int, default=64, help="teacher continuations per position (measurement 1)")
     ap.add_argument("--runs", nargs="*", default=None, help="run folders under --work/runs (default: all)")
+    ap.add_argument("--parts", nargs="+", choices=("projection", "rows", "parting"),
+                    default=["projection", "rows", "parting"], help="which measurements (1, 2, 3) to make")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(HERE / "results" / "cross_tokenizer_why.json"))
     ap.add_argument("--quick", action="store_true", help="tiny models and 4 answers: for the tests")
@@ -324,15 +340,18 @@ def main() -> None:
         prompts = read_prompts(HELDOUT_PROMPTS)[-N_HELDOUT:]
         answers = teacher_answers(teacher, prompts, HERE / ".work" / "quality" / "answers-heldout.json", 64, 16)
     pair = Pair(teacher, student)
-    print(f"1. the projection against the teacher's continuations ({args.answers} answers, {args.samples} samples)",
-          flush=True)
-    gap = projection_gap(pair, prompts[: args.answers], answers[: args.answers], args.samples, args.seed)
-    print(json.dumps(gap, indent=1), flush=True)
-    rows = missing_rows(pair, answers)
-    print("2. positions without a teacher row:", json.dumps(rows, indent=1), flush=True)
+    gap = rows = None
+    if "projection" in args.parts:
+        print(f"1. the projection against the teacher's continuations ({args.answers} answers, {args.samples} "
+              "samples)", flush=True)
+        gap = projection_gap(pair, prompts[: args.answers], answers[: args.answers], args.samples, args.seed)
+        print(json.dumps(gap, indent=1), flush=True)
+    if "rows" in args.parts:
+        rows = missing_rows(pair, answers)
+        print("2. positions without a teacher row:", json.dumps(rows, indent=1), flush=True)
     runs_dir = work / "runs"
-    names = args.runs if args.runs is not None else sorted(
-        p.name for p in runs_dir.glob("*") if (p / "model.safetensors").exists() or (p / "config.json").exists())
+    names = [] if "parting" not in args.parts else args.runs if args.runs is not None else sorted(
+        p.name for p in runs_dir.glob("*") if (p / "config.json").exists())
     parted = {}
     for name in names:
         print(f"3. where {name}'s greedy answers part from the teacher's", flush=True)
@@ -358,11 +377,11 @@ def _quick(work: Path) -> tuple[Path, str, str, list[str], list[str]]:
     import shutil
     import subprocess
 
-    from fetch_vocabularies import default_dest, fetch
     from quality import tiny_models, write_jsonl
     from transformers import AutoTokenizer
 
     from aitraining.models.transplant import transplant_to_folder
+    from fetch_vocabularies import default_dest, fetch
 
     work = work / "quick"
     shutil.rmtree(work, ignore_errors=True)

@@ -279,11 +279,14 @@ def shared_vocabulary(student: Any, teacher: Any, tables: tuple[list[bytes | Non
 
 
 def vocabulary_map(student: Any, teacher: Any,
-                   tables: tuple[list[bytes | None], list[bytes | None]] | None = None) -> VocabularyMap:
+                   tables: tuple[list[bytes | None], list[bytes | None]] | None = None, *,
+                   pieces: str = "longest") -> VocabularyMap:
     """How the teacher's ids read in the student's vocabulary (Note [Across vocabularies] in signal.py): the
     one-to-one map of `shared_vocabulary`, with the teacher's EOS read as the student's; and each teacher token's
-    first piece in the student's tokens (itself where shared, else the longest student token that its bytes start
-    with: " Portuguese" is " Portug" + ... to a student without the whole word)."""
+    first piece in the student's tokens: itself where shared, else (`pieces`) "longest": the longest student token
+    that its bytes start with (" Portuguese" is " Portug" + ... to a student without the whole word); "written":
+    the token the student's tokenizer writes first for that text ("ration" is "r" + "ation" to Llama 2's, where
+    the longest piece is "rat"), the longest where it cannot tell."""
     s_table, t_table = tables or (token_bytes(student), token_bytes(teacher))
     s_ids, t_ids = shared_vocabulary(student, teacher, (s_table, t_table))
     to_student = torch.full((len(teacher),), -1, dtype=torch.long)
@@ -291,16 +294,48 @@ def vocabulary_map(student: Any, teacher: Any,
     if teacher.eos_token_id is not None and student.eos_token_id is not None:
         to_student[to_student == student.eos_token_id] = -1  # keep the map one-to-one
         to_student[teacher.eos_token_id] = student.eos_token_id
+    if pieces not in ("longest", "written"):
+        raise ValueError(f"pieces must be 'longest' or 'written', got {pieces!r}")
     by_bytes = _ids_by_bytes(student, s_table)
     first_piece = to_student.clone()
-    for i, b in enumerate(t_table):
-        if first_piece[i] >= 0 or not b:
+    rest = [i for i, b in enumerate(t_table) if first_piece[i] < 0 and b]
+    written = _first_tokens(student, [t_table[i] or b"" for i in rest], s_table) if pieces == "written" else [None] * len(rest)
+    for i, got in zip(rest, written, strict=True):
+        if got is not None:
+            first_piece[i] = got
             continue
+        b = t_table[i] or b""
         for end in range(len(b), 0, -1):
             if b[:end] in by_bytes:
                 first_piece[i] = by_bytes[b[:end]]
                 break
     return VocabularyMap(to_student, first_piece, len(student))
+
+
+_CONTEXT = "\n"  # the text before each piece: a newline, which tokenizers do not merge with the letters after it
+
+
+def _first_tokens(student: Any, pieces: list[bytes], s_table: list[bytes | None]) -> list[int | None]:
+    """The token the student's tokenizer writes first for each piece of text (put after a newline), where that
+    token stands for a prefix of the piece's bytes; None where it cannot tell (a piece that is no whole UTF-8 text,
+    a slow tokenizer)."""
+    out: list[int | None] = [None] * len(pieces)
+    texts, where = [], []
+    for k, b in enumerate(pieces):
+        try:
+            texts.append(_CONTEXT + b.decode("utf-8"))
+            where.append(k)
+        except UnicodeDecodeError:
+            continue
+    if not texts or not getattr(student, "is_fast", False):
+        return out
+    enc = student(texts, add_special_tokens=False, return_offsets_mapping=True)
+    for k, ids, offsets in zip(where, enc["input_ids"], enc["offset_mapping"], strict=True):
+        n = Edges.from_offsets(offsets).boundaries().get(len(_CONTEXT))
+        b = s_table[ids[n]] if n is not None and n < len(ids) else None
+        if b and pieces[k].startswith(b):
+            out[k] = ids[n]
+    return out
 
 
 @dataclass(frozen=True)
