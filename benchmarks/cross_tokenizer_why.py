@@ -373,11 +373,10 @@ def _bundled(work: Path) -> str:
 
 
 def _quick(work: Path) -> tuple[Path, str, str, list[str], list[str]]:
-    """A tiny teacher and a tiny student with Llama 2's tokenizer, 4 prompts and answers, and one trained run."""
+    """A tiny teacher and a tiny student with Llama 2's tokenizer, 4 prompts and answers, the student as the run."""
     import shutil
-    import subprocess
 
-    from quality import tiny_models, write_jsonl
+    from quality import tiny_models
     from transformers import AutoTokenizer
 
     from aitraining.models.transplant import transplant_to_folder
@@ -393,11 +392,7 @@ def _quick(work: Path) -> tuple[Path, str, str, list[str], list[str]]:
     AutoTokenizer.from_pretrained(student)  # it loads
     prompts = ["Name a colour.", "Count to three.", "Say hello in French.", "What is 2 + 2?"]
     answers = ["Blue, like the sky.", "1, 2, 3.", "Bonjour, naïve café!", "It is 4.\n\nDone."]
-    data = write_jsonl(work / "d.jsonl", [{"prompt": p, "response": r} for p, r in zip(prompts, answers, strict=True)])
-    cli = str(Path(sys.executable).parent / "aitraining")
-    subprocess.run([cli, "llm", "--train", "--model", student, "--teacher-model", teacher, "--data-path", data,
-                    "--project-name", str(work / "runs" / "logits-seed0"), "--use-distillation", "--epochs", "1",
-                    "--holdout-share", "0", "--mixed-precision", "no"], check=True, capture_output=True)
+    shutil.copytree(student, work / "runs" / "untrained")  # measurement 3 on the student as it starts
     return work, teacher, student, prompts, answers
 
 

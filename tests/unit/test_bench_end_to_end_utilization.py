@@ -183,6 +183,25 @@ def test_cross_tokenizer_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_cross_tokenizer_why_quick(tmp_path: Path) -> None:
+    """Why the distilled student writes worse across tokenizers (benchmarks/cross_tokenizer_why.py) on tiny models:
+    the teacher's sampled continuations read in the student's tokens against both ways of reading first pieces,
+    the positions without a teacher row, and where a student's greedy answers part from the teacher's."""
+    result = _quick("cross_tokenizer_why.py", tmp_path / "w.json", "--work", str(tmp_path / "work"))
+    gap = result["projection"]
+    assert gap["positions"] > 0 and set(gap["by_first_pieces"]) == {"longest", "written"}
+    for got in gap["by_first_pieces"].values():
+        assert 0 <= got["misplaced_mass"] <= 1 and sum(got["misplaced_by_kind"].values()) == pytest.approx(
+            got["misplaced_mass"], abs=1e-3)
+    # Reading pieces as the student's tokenizer writes them gives more positions a teacher row.
+    rows = result["missing_rows"]
+    assert rows["written"]["without_row"] <= rows["longest"]["without_row"] < 1
+    parted = result["parting"]["untrained"]
+    assert parted["answers"] == 4 and 0 <= parted["top1_with_teacher_row"] <= 1
+    assert 0 <= parted["greedy_answers_non_canonical"] <= 1
+
+
+@pytest.mark.slow
 def test_kill_anywhere_quick(tmp_path: Path) -> None:
     """SIGKILL in the teacher's phase, in training and while a checkpoint is written; each rerun resumes, and the
     run ends with the uninterrupted run's teacher outputs and exactly its weights (benchmarks/kill_anywhere.py)."""
