@@ -104,9 +104,11 @@ class Pair:
         return ids[n] if n is not None and n < len(ids) else None
 
 
-def projection_gap(pair: Pair, prompts: list[str], answers: list[str], samples: int, seed: int) -> dict[str, Any]:
+def projection_gap(pair: Pair, prompts: list[str], answers: list[str], samples: int, seed: int,
+                   temperature: float = 1.0) -> dict[str, Any]:
     """Measurement 1 (module docstring), for each way of reading first pieces (`Pair.maps`), on the same samples:
-    the positions are those with a teacher row by either map."""
+    the positions are those with a teacher row by either map. `temperature`: the first teacher token is drawn from
+    the teacher's distribution at it (what the loss at that T weighs), the rest at T = 1."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -128,7 +130,8 @@ def projection_gap(pair: Pair, prompts: list[str], answers: list[str], samples: 
         for i, j in enumerate(rows):
             if j < 0:
                 continue
-            first = torch.multinomial(logp[j].exp(), samples, replacement=True, generator=gen)
+            first = torch.multinomial(torch.softmax(logp[j] / temperature, -1), samples, replacement=True,
+                                      generator=gen)
             conts = _continue(pair, out.past_key_values, len(t_prompt) + j, first, gen)
             before = a["text"][: a["starts"][i]]
             counts: Counter = Counter()
@@ -154,6 +157,7 @@ def projection_gap(pair: Pair, prompts: list[str], answers: list[str], samples: 
     n = len(label_q)
     return {
         "answers": len(prompts), "positions": n, "samples_per_position": samples, "lookahead_teacher_tokens": LOOKAHEAD,
+        "first_token_temperature": temperature,
         "label_q_sampled": statistics.fmean(label_q) if n else 0.0,
         "by_first_pieces": {m: {
             "misplaced_mass": statistics.fmean(misplaced[m]) if n else 0.0,
@@ -323,6 +327,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(HERE / ".work" / "xtok30"), help="cross_tokenizer.py's --work")
     ap.add_argument("--answers", type=int, default=16, help="held-out answers sampled for measurement 1")
     ap.add_argument("--samples", type=int, default=64, help="teacher continuations per position (measurement 1)")
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="measurement 1: the temperature of each continuation's first teacher token (the rest at 1)")
     ap.add_argument("--runs", nargs="*", default=None, help="run folders under --work/runs (default: all)")
     ap.add_argument("--parts", nargs="+", choices=("projection", "rows", "parting"),
                     default=["projection", "rows", "parting"], help="which measurements (1, 2, 3) to make")
@@ -344,7 +350,8 @@ def main() -> None:
     if "projection" in args.parts:
         print(f"1. the projection against the teacher's continuations ({args.answers} answers, {args.samples} "
               "samples)", flush=True)
-        gap = projection_gap(pair, prompts[: args.answers], answers[: args.answers], args.samples, args.seed)
+        gap = projection_gap(pair, prompts[: args.answers], answers[: args.answers], args.samples, args.seed,
+                             args.temperature)
         print(json.dumps(gap, indent=1), flush=True)
     if "rows" in args.parts:
         rows = missing_rows(pair, answers)
@@ -359,7 +366,7 @@ def main() -> None:
         print(json.dumps(parted[name], indent=1), flush=True)
     write_json(args.out, {"benchmark": "cross_tokenizer_why", "date": utc_now_iso(), "machine": describe_machine(),
                           "setup": {"work": str(work), "quick": args.quick, "answers": args.answers,
-                                    "samples": args.samples, "seed": args.seed},
+                                    "samples": args.samples, "temperature": args.temperature, "seed": args.seed},
                           "projection": gap, "missing_rows": rows, "parting": parted})
     print(f"wrote {args.out}")
 
