@@ -280,13 +280,13 @@ def shared_vocabulary(student: Any, teacher: Any, tables: tuple[list[bytes | Non
 
 def vocabulary_map(student: Any, teacher: Any,
                    tables: tuple[list[bytes | None], list[bytes | None]] | None = None, *,
-                   pieces: str = "longest") -> VocabularyMap:
+                   pieces: str = "written") -> VocabularyMap:
     """How the teacher's ids read in the student's vocabulary (Note [Across vocabularies] in signal.py): the
     one-to-one map of `shared_vocabulary`, with the teacher's EOS read as the student's; and each teacher token's
-    first piece in the student's tokens: itself where shared, else (`pieces`) "longest": the longest student token
-    that its bytes start with (" Portuguese" is " Portug" + ... to a student without the whole word); "written":
-    the token the student's tokenizer writes first for that text ("ration" is "r" + "ation" to Llama 2's, where
-    the longest piece is "rat"), the longest where it cannot tell."""
+    first piece in the student's tokens: itself where shared, else (`pieces`) "written": the token the student's
+    tokenizer writes first for that text ("ration" is "r" + "ation" to Llama 2's; " Portuguese" is " Portug" +
+    "uese"), the longest piece where it cannot tell; "longest" (the design before 2026-12-07, kept to measure
+    against): the longest student token that its bytes start with ("rat" of "ration")."""
     s_table, t_table = tables or (token_bytes(student), token_bytes(teacher))
     s_ids, t_ids = shared_vocabulary(student, teacher, (s_table, t_table))
     to_student = torch.full((len(teacher),), -1, dtype=torch.long)
