@@ -235,22 +235,23 @@ def test_shared_vocabulary_pairs_tokens_of_the_same_text(tokenizers: dict[str, A
 # ------------------------------------------------------------------------ a teacher's answer in the student's
 
 
-def _written_piece(s_tok: Any, s_bytes: list[bytes | None], s_known: set[bytes], theirs: bytes) -> bytes:
+def _written_piece(s_tok: Any, s_bytes: list[bytes | None], s_known: set[bytes], theirs: bytes | None) -> bytes | None:
     """The naive reference of a first piece: the student token whose offsets start right after a newline put before
     the text (a token the student has is itself); the longest known prefix for bytes that are no whole UTF-8 text or
     where the newline and the text merge."""
-    if theirs in s_known:
+    if not theirs or theirs in s_known:
         return theirs
+    longest = next((theirs[:e] for e in range(len(theirs), 0, -1) if theirs[:e] in s_known), None)
     try:
         text = theirs.decode("utf-8")
     except UnicodeDecodeError:
-        return next(theirs[:e] for e in range(len(theirs), 0, -1) if theirs[:e] in s_known)
+        return longest
     enc = s_tok("\n" + text, add_special_tokens=False, return_offsets_mapping=True)
     first = next(((i, a) for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True) if a >= 1 and b > a),
                  None)
     if first is None or first[1] != 1:
-        return next(theirs[:e] for e in range(len(theirs), 0, -1) if theirs[:e] in s_known)
-    return s_bytes[first[0]] or b""
+        return longest
+    return s_bytes[first[0]]
 
 
 @pytest.mark.parametrize("student", ["llama-bpe", "llama-spm", "qwen2", "trained-bytelevel", "trained-metaspace"])
@@ -286,6 +287,12 @@ def test_response_rows_predict_the_same_text_from_the_same_text(tokenizers: dict
                 before_s = b"".join(s_bytes[x] or b"" for x in body[:i]).decode("utf-8", "replace").lstrip()
                 before_t = b"".join(t_bytes[x] or b"" for x in t_ids[:row]).decode("utf-8", "replace").lstrip()
                 assert before_s == before_t, (text, i, row)
+            # And every student token that starts where a teacher token does and is its first piece has the row.
+            _, _, alignment = align_text(s_tok, t_tok, text)
+            for s0, _, t0, _ in alignment.groups:
+                piece = _written_piece(s_tok, s_bytes, s_known, t_bytes[t_ids[t0]])
+                if piece is not None and piece == s_bytes[body[s0]]:
+                    assert got.teacher_rows[s0] == t0, (text, s0, t0)
             aligned += got.aligned
             total += len(got.student_ids)
     # These texts are chosen to split differently (and the trained vocabularies are tiny); plain English aligns far
