@@ -22,10 +22,12 @@ $(VOCAB): $(STAMP) tests/fetch_vocabularies.py
 	$(PY) tests/fetch_vocabularies.py $(VENV)/share/aitraining-test-vocab
 
 # A real OpenAI-compatible server for the tests of the server teacher: llama-cpp-python builds llama.cpp from source
-# (cmake, g++; 4-10 minutes on two cores), once.
+# (cmake, g++; 4-10 minutes on two cores), once. Not for this machine's CPU only (GGML_NATIVE): a native build on a
+# 2-core AMD EPYC with AVX-512 crashed on its first completion (general protection fault in libggml-cpu), and no
+# cached wheel of such a build is reused.
 ENGINE := $(VENV)/.teacher-server-engine
 $(ENGINE): $(STAMP)
-	$(PY) -m pip install -q 'llama-cpp-python[server]==0.3.36'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q --no-cache-dir 'llama-cpp-python[server]==0.3.36'
 	touch $(ENGINE)
 
 install: $(STAMP)
