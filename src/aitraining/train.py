@@ -84,8 +84,7 @@ def run(params: LLMTrainingParams, *, show_progress: bool = True) -> str:
     set_seed(params.seed)
     run_started = time.time()
     try:
-        data = prepare_data(student, teacher, loaded, data_settings, folder, accelerator,
-                            compare_baseline=params.compare_baseline, show_progress=show_progress)
+        data = prepare_data(student, teacher, loaded, data_settings, folder, accelerator, show_progress=show_progress)
         model = build_student(student)
         if data.source is not None:
             _advise(params, model)
@@ -155,7 +154,7 @@ def _advise(params: LLMTrainingParams, student: Any) -> None:
 
 
 def prepare_data(student: StudentSettings, teacher: TeacherSettings | None, loaded: Loaded, data: DataSettings,
-                 folder: RunFolder, accelerator: Any, *, compare_baseline: bool = False, show_progress: bool
+                 folder: RunFolder, accelerator: Any, *, show_progress: bool
                  ) -> Prepared:
     """The rows as the student's token sequences; with a teacher, it answers missing responses and its targets are
     cached, once (the teacher source's `prepare`)."""
