@@ -56,6 +56,8 @@ class Pair:
     """The teacher (float32) and the student's tokenizer, with how one answer reads in both."""
 
     def __init__(self, teacher: str, student: str) -> None:
+        import torch
+
         from aitraining.align import ResponseAligner, token_bytes, vocabulary_map
         from aitraining.data.examples import Example
         from aitraining.models.load import load_causal_lm, load_tokenizer
@@ -75,7 +77,7 @@ class Pair:
         params = LLMTrainingParams(model=student, teacher_model=teacher, data_path="-", use_distillation=True)
         self.text = TeacherText(params.settings(TeacherSettings), self.t_tok)
         self.example = lambda p: Example(messages=[{"role": "user", "content": p}])
-        self.teacher = load_causal_lm(teacher, dtype=__import__("torch").float32).eval()
+        self.teacher = load_causal_lm(teacher, dtype=torch.float32).eval()
 
     def answer(self, text: str, pieces: str = "longest") -> dict[str, Any]:
         """The answer's student tokens, their teacher rows (by the map `pieces`) and the character each starts at;
